@@ -1,0 +1,91 @@
+"""Error vocabulary: every error that ends a request carries its HTTP status.
+
+The handler has one ``except ProxyError``; the status, the short body and the
+metric/log ``kind`` all come from the class, so there is no mapping ladder.
+Statuses follow nginx (``ngx_http_upstream_next``) and HAProxy's wording.
+"""
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names file, line and key."""
+
+
+class ProxyError(Exception):
+    status = 502
+    reason = "Bad Gateway"
+    kind = "error"
+    body = "The proxy could not complete the request."
+    # A failure the backend is to blame for (counts toward passive health).
+    backend_fault = False
+    # True when the request certainly never reached the backend.
+    never_sent = False
+
+    def __init__(self, detail="", *, elapsed=None):
+        super().__init__(detail or self.body)
+        self.detail = detail
+        self.elapsed = elapsed
+
+    @property
+    def status_line(self):
+        return f"{self.status} {self.reason}"
+
+
+class BadRequest(ProxyError):
+    status, reason, kind = 400, "Bad Request", "bad_request"
+    body = "Bad request."
+
+
+class NoRoute(ProxyError):
+    status, reason, kind = 404, "Not Found", "no_route"
+    body = "No route matches this request."
+
+
+class BodyTooLarge(ProxyError):
+    status, reason, kind = 413, "Content Too Large", "body_too_large"
+    body = "The request body is larger than this route accepts."
+
+
+class UnsupportedCoding(ProxyError):
+    # RFC 9112 6.1: a server that does not understand a transfer coding answers 501.
+    status, reason, kind = 501, "Not Implemented", "unsupported_coding"
+    body = "Only the chunked transfer coding is supported."
+
+
+class NoBackend(ProxyError):
+    status, reason, kind = 503, "Service Unavailable", "no_backend"
+    body = "No server is available to handle this request."  # HAProxy's wording
+
+
+class UpstreamConnectError(ProxyError):
+    status, reason, kind = 502, "Bad Gateway", "connect_error"
+    body = "The upstream server refused or dropped the connection."
+    backend_fault = True
+    never_sent = True
+
+
+class UpstreamTimeout(ProxyError):
+    status, reason, kind = 504, "Gateway Timeout", "timeout"
+    body = "The upstream server didn't respond in time."  # HAProxy's wording
+    backend_fault = True
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    never_sent = True
+
+
+class UpstreamReset(ProxyError):
+    status, reason, kind = 502, "Bad Gateway", "reset"
+    body = "The upstream server closed the connection without a complete response."
+    backend_fault = True
+
+
+class InvalidResponse(ProxyError):
+    status, reason, kind = 502, "Bad Gateway", "invalid_response"
+    body = "The server returned an invalid or incomplete response."  # HAProxy's wording
+    backend_fault = True
+
+
+class ClientAbort(ProxyError):
+    # nginx logs 499 for a client that went away; nothing is sent to anyone.
+    status, reason, kind = 499, "Client Closed Request", "client_abort"
+    body = ""

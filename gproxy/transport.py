@@ -1,0 +1,285 @@
+"""Transport: send one request to one backend and stream the answer back.
+
+The only module that touches ``requests``/``urllib3``. Its interface is small
+on purpose (``Transport.send`` -> ``UpstreamResponse``), so what sits under
+the Session (the mounted adapter) can be measured and swapped without the
+proxy noticing.
+
+Rules:
+1. Transparent: no User-Agent, Accept-Encoding, Accept, cookies, .netrc
+   credentials or environment proxies are added (``trust_env`` off, an empty
+   cookie policy, ``SKIP_HEADER``); no redirect is followed; the request
+   target is sent byte-exact (requests would re-quote it: psf/requests#4003).
+2. Bodies stream both ways in pieces of at most ``CHUNK`` bytes; a body is
+   never decoded (gzip stays gzip) and never buffered whole.
+3. Every failure leaves as a ``ProxyError`` subclass that says what failed
+   (connect, timeout, reset, invalid response) and whether the request
+   certainly never reached the backend (``never_sent``), which is what makes
+   a retry of a non-idempotent request safe.
+4. One Session per upstream per worker, created after fork: a pool of
+   keep-alive connections per backend, sized from the config.
+"""
+
+import http.client
+import logging
+import socket
+import time
+from http.cookiejar import DefaultCookiePolicy
+
+import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import (
+    ConnectTimeoutError, IncompleteRead, InvalidChunkLength, NewConnectionError,
+    ProtocolError, ReadTimeoutError,
+)
+from urllib3.util import SKIP_HEADER
+
+from . import errors
+
+CHUNK = 65536   # 64 KiB reads: large enough for 1+ GiB/s on loopback
+
+# A pool that is full is normal under bursts (block=False opens and then
+# discards the extra connection); one warning per request would flood the log.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+
+
+class UpstreamResponse:
+    """The status, every header field in order (repeats kept), and the body."""
+
+    __slots__ = ("status", "reason", "headers", "_resp", "_raw", "_deadline",
+                 "_idle", "completed", "index")
+
+    def __init__(self, resp, idle, deadline):
+        self._resp = resp
+        self._raw = raw = resp.raw
+        self.status = raw.status
+        self.reason = raw.reason or http.client.responses.get(raw.status, "")
+        self.headers = list(raw.headers.items())
+        self._idle = idle
+        self._deadline = deadline
+        self.completed = False
+        self.index = None
+        conn = raw.connection
+        if conn is not None and conn.sock is not None:
+            conn.sock.settimeout(idle)     # between body reads, not total
+
+    def body(self):
+        """Yield the body as it arrives; raise a ProxyError if it breaks off."""
+        raw = self._raw
+        try:
+            if raw.chunked and raw.supports_chunked_reads():
+                # urllib3 removes the chunk framing; gunicorn adds its own.
+                for piece in raw.read_chunked(CHUNK, decode_content=False):
+                    self._check_deadline()
+                    yield piece
+            else:
+                read1 = raw.read1
+                while True:
+                    self._check_deadline()
+                    # read1, not read: hand on what has arrived instead of
+                    # waiting for a full CHUNK (streams, server-sent events).
+                    piece = read1(CHUNK, decode_content=False)
+                    if not piece:
+                        break
+                    yield piece
+        except (ReadTimeoutError, socket.timeout, TimeoutError) as e:
+            raise errors.UpstreamTimeout(f"idle for more than {self._idle:g}s mid-body") from e
+        except (IncompleteRead, InvalidChunkLength, ProtocolError, http.client.HTTPException) as e:
+            raise errors.UpstreamReset(f"body broke off: {_describe(e)}") from e
+        except OSError as e:
+            raise errors.UpstreamReset(f"body broke off: {_describe(e)}") from e
+        self.completed = True
+
+    def _check_deadline(self):
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise errors.UpstreamTimeout("total timeout")
+            conn = self._raw.connection
+            if conn is not None and conn.sock is not None:
+                conn.sock.settimeout(min(self._idle, left))
+
+    def close(self):
+        """Give the connection back to the pool, or drop it if the body was
+        not read to its end (its framing is then unknown)."""
+        raw = self._raw
+        if not self.completed:
+            raw.close()
+        raw.release_conn()
+
+
+class BodySource:
+    """The downstream request body as an iterator that remembers whether it
+    started (then it cannot be replayed) and whether the client broke off."""
+
+    __slots__ = ("chunks", "started", "failed", "nbytes", "limit")
+
+    def __init__(self, chunks, limit=None):
+        self.chunks = chunks
+        self.started = False
+        self.failed = None
+        self.nbytes = 0
+        self.limit = limit
+
+    def __iter__(self):
+        self.started = True
+        try:
+            for piece in self.chunks:
+                self.nbytes += len(piece)
+                if self.limit is not None and self.nbytes > self.limit:
+                    self.failed = errors.BodyTooLarge()
+                    raise self.failed
+                yield piece
+        except errors.ProxyError:
+            raise
+        except Exception as e:     # the client went away or sent a broken body
+            self.failed = errors.ClientAbort(f"request body: {_describe(e)}")
+            raise self.failed from e
+
+
+def _describe(e):
+    """A short, one-line name for a low-level failure."""
+    seen = set()
+    while id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = e.__cause__ or e.__context__
+        if not isinstance(inner, BaseException) or isinstance(e, errors.ProxyError):
+            break
+        if not isinstance(e, (urllib3.exceptions.HTTPError, requests.exceptions.RequestException)):
+            break
+        e = inner
+    text = str(e)
+    if text.startswith("<") and ">: " in text:
+        text = text.split(">: ", 1)[1]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+# Failures of a reused keep-alive connection before any response byte: the
+# backend closed it while idle (psf/requests#3458). Safe to replay once on a
+# fresh connection, for requests that may be replayed at all.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+class ExactAdapter(HTTPAdapter):
+    """A requests adapter that sends the request target byte-exact and maps
+    every failure to a ProxyError.
+
+    ``HTTPAdapter.send`` goes through ``urlopen``, which re-quotes the target
+    (``%2f`` -> ``%2F``, ``%zz`` -> ``%25zz``); this one takes a connection
+    from the same pool and writes the target as given.
+    """
+
+    def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
+        connect_timeout, read_timeout = timeout
+        backend = request.backend
+        pool = self.poolmanager.connection_from_host(backend.host, backend.port, backend.scheme)
+        body = request.body
+        chunked = body is not None and "Content-Length" not in request.headers
+        for attempt in (1, 2):
+            conn = pool._get_conn()
+            reused = conn.sock is not None
+            try:
+                raw = self._exchange(pool, conn, request, connect_timeout, read_timeout, chunked)
+                break
+            except _STALE as e:
+                conn.close()
+                pool._put_conn(conn)
+                if body is not None and body.failed is not None:
+                    raise body.failed from e
+                if reused and attempt == 1 and request.replayable and not (body and body.started):
+                    continue
+                raise errors.UpstreamReset(_describe(e)) from e
+            except BaseException:
+                conn.close()
+                pool._put_conn(conn)
+                raise
+        return self.build_response(request, raw)
+
+    @staticmethod
+    def _exchange(pool, conn, request, connect_timeout, read_timeout, chunked):
+        body = request.body
+        if conn.sock is None:
+            conn.timeout = connect_timeout
+            try:
+                conn.connect()
+            except NewConnectionError as e:
+                raise errors.UpstreamConnectError(_describe(e)) from e
+            except (ConnectTimeoutError, socket.timeout, TimeoutError) as e:
+                raise errors.UpstreamConnectTimeout(f"connect: {_describe(e)}") from e
+            except OSError as e:
+                raise errors.UpstreamConnectError(_describe(e)) from e
+        try:
+            conn.request(request.method, request.target, body=body, headers=request.headers,
+                         chunked=chunked, preload_content=False, decode_content=False,
+                         enforce_content_length=True)
+        except errors.ProxyError:
+            raise
+        except (BrokenPipeError, ConnectionResetError):
+            # The backend stopped reading (it may have answered early, e.g.
+            # 413): read its response, as urllib3 does.
+            if body is not None and body.failed is not None:
+                raise body.failed
+        conn.timeout = read_timeout
+        conn.sock.settimeout(read_timeout)
+        try:
+            raw = conn.getresponse()
+        except _STALE:
+            raise
+        except (socket.timeout, TimeoutError) as e:
+            raise errors.UpstreamTimeout(f"no response header within {read_timeout:g}s") from e
+        except (http.client.HTTPException, ValueError) as e:
+            raise errors.InvalidResponse(_describe(e)) from e
+        except OSError as e:
+            raise errors.UpstreamReset(_describe(e)) from e
+        raw._connection = conn
+        raw._pool = pool
+        return raw
+
+
+class Transport:
+    """Pooled keep-alive connections to the backends of one upstream."""
+
+    def __init__(self, upstream):
+        self.timeouts = upstream.timeouts
+        s = requests.Session()
+        s.trust_env = False                 # no env proxies, no .netrc
+        s.headers.clear()                   # no default User-Agent, Accept, ...
+        s.max_redirects = 0
+        s.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # store nothing
+        adapter = ExactAdapter(pool_connections=max(len(upstream.backends), 1),
+                               pool_maxsize=max(upstream.pool.max_idle_per_backend, 1),
+                               pool_block=False, max_retries=0)
+        s.mount("http://", adapter)
+        s.mount("https://", adapter)
+        self.session = s
+
+    def send(self, backend, method, target, headers, body=None, replayable=False):
+        """Send ``method target`` to ``backend``; return an UpstreamResponse
+        once the response header is in, or raise a ProxyError.
+
+        ``headers`` is a urllib3 HTTPHeaderDict (repeated fields kept);
+        ``body`` None or a BodySource; ``replayable`` whether the request may
+        be sent again if a reused connection turns out to be dead."""
+        t = self.timeouts
+        deadline = time.monotonic() + t.total if t.total else None
+        header_wait = min(t.response_header, t.total) if t.total else t.response_header
+        for name in ("User-Agent", "Accept-Encoding"):
+            if name not in headers:
+                headers[name] = SKIP_HEADER    # urllib3/http.client add none
+        prep = requests.PreparedRequest()
+        prep.method = method
+        prep.url = backend.url + target
+        prep.target = target                # what goes on the wire, byte-exact
+        prep.backend = backend
+        prep.replayable = replayable
+        prep.headers = headers
+        prep.body = body
+        prep.hooks = {"response": []}
+        prep._cookies = None
+        prep._body_position = None
+        resp = self.session.send(prep, stream=True, timeout=(t.connect, header_wait),
+                                 allow_redirects=False)
+        return UpstreamResponse(resp, t.idle, deadline)

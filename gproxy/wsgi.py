@@ -1,0 +1,36 @@
+"""The WSGI entry point: ``gunicorn -c gunicorn.conf.py gproxy.wsgi``.
+
+Imported in each worker after fork and after gevent's monkey-patching
+(gunicorn.conf.py must not preload), so the Sessions, sockets and log
+handlers created here belong to this worker alone.
+"""
+
+import logging
+import sys
+
+from . import __version__, config, proxy
+
+
+def _setup_error_log():
+    log = logging.getLogger("gproxy")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
+        log.addHandler(h)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _name_server():
+    # gunicorn writes its own Server header (and drops the upstream's, as
+    # nginx hides it too); say who answered.
+    try:
+        import gunicorn.http.wsgi as gw
+        gw.SERVER = f"gproxy/{__version__}"
+    except ImportError:
+        pass
+
+
+_setup_error_log()
+_name_server()
+application = proxy.ProxyApp(config.load())
