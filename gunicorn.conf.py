@@ -28,6 +28,10 @@ preload_app = False
 proc_name = "gproxy"
 control_socket_disable = True   # per-user default path collides across instances
 http_parser = "python"          # the hijack paths rely on the Python parser's internals
+# gproxy decides whom to trust (trusted_proxies); gunicorn must not turn a
+# client's X-Forwarded-Proto into wsgi.url_scheme on its own.
+forwarded_allow_ips = ""
+secure_scheme_headers = {}
 accesslog = None                # gproxy writes its own access log
 errorlog = "-"
 

@@ -68,6 +68,12 @@ class Pool:
 
 
 @dataclass(frozen=True)
+class Passive:
+    max_fails: int = 1              # nginx default
+    fail_timeout: float = 10.0      # nginx default
+
+
+@dataclass(frozen=True)
 class HashKey:
     kind: str           # header | cookie | client_ip | path | uri
     name: str = ""      # header or cookie name
@@ -82,6 +88,7 @@ class Upstream:
     timeouts: Timeouts = field(default_factory=Timeouts)
     retries: int = 2                # further attempts, each on another backend
     pool: Pool = field(default_factory=Pool)
+    passive: Passive = field(default_factory=Passive)
     preserve_host: bool = True      # HAProxy; nginx rewrites to $proxy_host
 
 
@@ -340,6 +347,8 @@ def upstream(doc, name, raw, path):
         "retries": integer(0, 100),
         "pool": lambda d, v, p: Pool(**fields(d, v, p, {
             "max_idle_per_backend": integer(0, 10000), "idle_timeout": duration})),
+        "passive": lambda d, v, p: Passive(**fields(d, v, p, {
+            "max_fails": integer(0, 1000), "fail_timeout": duration})),
         "preserve_host": boolean,
     }
     kw = fields(doc, raw, path, spec)

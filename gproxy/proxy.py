@@ -18,6 +18,7 @@ from urllib3 import HTTPHeaderDict
 
 from . import accesslog, errors, headers as H
 from .balancer import make_policy
+from .health import PassiveHealth
 from .router import Router, upstream_target
 from .transport import CHUNK, BodySource, Transport
 
@@ -38,6 +39,8 @@ class UpstreamState:
         self.backends = cfg.backends
         self.inflight = [0] * len(cfg.backends)
         self.policy = make_policy(cfg, self.inflight)
+        self.passive = PassiveHealth(len(cfg.backends), cfg.passive.max_fails,
+                                     cfg.passive.fail_timeout)
         self._transport = None
 
     @property
@@ -46,11 +49,21 @@ class UpstreamState:
             self._transport = Transport(self.cfg)
         return self._transport
 
-    def available(self, i):
-        return True
+    def available(self, i, now):
+        return self.passive.usable(i, now)
 
     def choose(self, key, tried):
-        return self.policy.choose(lambda i: i not in tried and self.available(i), key)
+        now = time.monotonic()
+        i = self.policy.choose(lambda i: i not in tried and self.available(i, now), key)
+        if i is not None:
+            self.passive.chosen(i, now)
+        return i
+
+    def failed(self, i):
+        self.passive.failure(i, time.monotonic())
+
+    def succeeded(self, i):
+        self.passive.success(i, time.monotonic())
 
 
 class Exchange:
@@ -208,6 +221,7 @@ class ProxyApp:
                 ex.upstream_time = time.monotonic() - t0
                 if not e.backend_fault:
                     raise
+                up.failed(i)
                 self.upstream_failed(ex, e, ex.upstream_time)
                 last = e
                 if not ((e.never_sent and not (body and body.started)) or replayable):
@@ -292,6 +306,7 @@ class Streamer:
                 ex.bytes_out += len(piece)
                 yield piece
         except errors.ProxyError as e:
+            self.up.failed(self.resp.index)
             self.app.upstream_failed(ex, e, time.time() - ex.start)
             # Never complete a broken response (nginx closes the connection).
             # An OSError makes gunicorn close the socket without the final
@@ -302,7 +317,9 @@ class Streamer:
         ex, resp = self.ex, self.resp
         resp.close()
         self.up.inflight[resp.index] -= 1
-        if not resp.completed and ex.error is None:
+        if resp.completed:
+            self.up.succeeded(resp.index)
+        elif ex.error is None:
             ex.status, ex.error = 499, "client_abort"   # the client went away
         self.app.record(ex)
 

@@ -1,0 +1,356 @@
+"""Real servers for the tests: an HTTP/1.1 backend that records the exact
+bytes it receives, and a gproxy (gunicorn) process in front of it.
+
+Everything listens on 127.0.0.1; ports come from the kernel (port 0).
+"""
+
+import gzip
+import hashlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pattern(n, seed=b"gproxy"):
+    """n deterministic bytes, so a body can be checked by sha256."""
+    block = hashlib.sha256(seed).digest() * 2048     # 64 KiB
+    reps, rest = divmod(n, len(block))
+    return block * reps + block[:rest]
+
+
+@dataclass
+class Received:
+    """One request as the backend saw it."""
+    head: bytes                 # request line + header fields, exactly as sent
+    method: str
+    target: str
+    headers: list               # [(name, value)] in order, repeats kept
+    body: bytes = b""
+    chunked: bool = False
+    conn_id: int = 0
+
+    def header(self, name):
+        vals = [v for n, v in self.headers if n.lower() == name.lower()]
+        return vals[0] if vals else None
+
+    def all(self, name):
+        return [v for n, v in self.headers if n.lower() == name.lower()]
+
+
+class _Conn:
+    def __init__(self, sock):
+        self.sock = sock
+        self.buf = b""
+
+    def read_until(self, sep):
+        while sep not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError
+            self.buf += data
+        head, _, self.buf = self.buf.partition(sep)
+        return head
+
+    def read_exact(self, n):
+        while len(self.buf) < n:
+            data = self.sock.recv(max(65536, n - len(self.buf)))
+            if not data:
+                raise EOFError
+            self.buf += data
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
+class Backend:
+    """A threaded HTTP/1.1 server with scripted behaviour by path:
+
+    /echo            200, the request body back, X-Backend: name
+    /status/N        status N (no body for 1xx/204/304)
+    /bytes/N         N pattern bytes with Content-Length
+    /chunks/N/K      N chunks of K bytes, chunked; waits on ``gate`` before the last
+    /sleep/MS        200 after MS milliseconds
+    /cut/N           Content-Length 2N, sends N bytes, then resets the connection
+    /dupheaders      two Set-Cookie and two X-Dup fields
+    /gzip            a gzip body with Content-Encoding: gzip
+    /health          200, or ``health_status``
+    anything else    200 "ok <name>"
+    """
+
+    def __init__(self, name="b"):
+        self.name = name
+        self.received = []
+        self.connections = 0
+        self.health_status = 200
+        self.gate = threading.Event()
+        self.handler = None     # optional fn(backend, req, conn) -> bool (handled)
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(1024)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.open_socks = set()
+        self.running = True
+        threading.Thread(target=self._accept, daemon=True, name=f"backend-{name}").start()
+
+    def stop(self):
+        self.running = False
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        for s in list(self.open_socks):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            except OSError:
+                pass
+
+    def requests_for(self, target_prefix):
+        return [r for r in self.received if r.target.startswith(target_prefix)]
+
+    def _accept(self):
+        while self.running:
+            try:
+                s, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.connections += 1
+                cid = self.connections
+            self.open_socks.add(s)
+            threading.Thread(target=self._serve, args=(s, cid), daemon=True).start()
+
+    def _serve(self, s, cid):
+        conn = _Conn(s)
+        try:
+            while self.running:
+                req = self._read_request(conn, cid)
+                if req is None:
+                    return
+                with self.lock:
+                    self.received.append(req)
+                if not self._respond(req, conn):
+                    return
+        except (EOFError, OSError):
+            return
+        finally:
+            self.open_socks.discard(s)
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def _read_request(self, conn, cid):
+        try:
+            head = conn.read_until(b"\r\n\r\n")
+        except EOFError:
+            return None
+        lines = head.split(b"\r\n")
+        method, target, _ = lines[0].decode("latin-1").split(" ", 2)
+        headers = []
+        for line in lines[1:]:
+            n, _, v = line.decode("latin-1").partition(":")
+            headers.append((n, v.strip()))
+        req = Received(head=head + b"\r\n\r\n", method=method, target=target,
+                       headers=headers, conn_id=cid)
+        te = req.header("Transfer-Encoding")
+        if te and "chunked" in te.lower():
+            req.chunked = True
+            body = b""
+            while True:
+                size = int(conn.read_until(b"\r\n").split(b";")[0], 16)
+                if size == 0:
+                    conn.read_until(b"\r\n")    # no trailers in these tests
+                    break
+                body += conn.read_exact(size)
+                conn.read_exact(2)
+            req.body = body
+        else:
+            n = int(req.header("Content-Length") or 0)
+            req.body = conn.read_exact(n) if n else b""
+        return req
+
+    def _respond(self, req, conn):
+        s = conn.sock
+        if self.handler and self.handler(self, req, conn):
+            return True
+        path = req.target.split("?")[0]
+        parts = path.strip("/").split("/")
+        name = self.name.encode()
+
+        def send(status, body=b"", extra=(), reason="OK"):
+            hdrs = [f"HTTP/1.1 {status} {reason}", f"X-Backend: {self.name}"]
+            hdrs += [f"{k}: {v}" for k, v in extra]
+            if status not in (204, 304) and not 100 <= status < 200:
+                hdrs.append(f"Content-Length: {len(body)}")
+            s.sendall(("\r\n".join(hdrs) + "\r\n\r\n").encode() + (b"" if req.method == "HEAD" else body))
+
+        if parts[0] == "echo":
+            send(200, req.body, [("Content-Type", "application/octet-stream")])
+        elif parts[0] == "status":
+            code = int(parts[1])
+            send(code, b"" if code in (204, 304) else f"status {code}\n".encode(),
+                 [("ETag", '"v1"')] if code == 304 else [], reason="X")
+        elif parts[0] == "bytes":
+            send(200, pattern(int(parts[1])))
+        elif parts[0] == "chunks":
+            n, k = int(parts[1]), int(parts[2])
+            s.sendall(f"HTTP/1.1 200 OK\r\nX-Backend: {self.name}\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+            for i in range(n):
+                if i == n - 1:
+                    self.gate.wait(10)
+                s.sendall(b"%x\r\n" % k + bytes([65 + i % 26]) * k + b"\r\n")
+            s.sendall(b"0\r\n\r\n")
+        elif parts[0] == "sleep":
+            time.sleep(int(parts[1]) / 1000)
+            send(200, b"slept " + name)
+        elif parts[0] == "cut":
+            n = int(parts[1])
+            s.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {2 * n}\r\n\r\n".encode() + b"x" * n)
+            time.sleep(0.05)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+            return False
+        elif parts[0] == "dupheaders":
+            send(200, b"dup", [("Set-Cookie", "a=1; Path=/; Expires=Wed, 21 Oct 2037 07:28:00 GMT"),
+                               ("Set-Cookie", "b=2; Path=/"), ("X-Dup", "one"), ("X-Dup", "two")])
+        elif parts[0] == "gzip":
+            send(200, gzip.compress(b"hello " * 500), [("Content-Encoding", "gzip")])
+        elif parts[0] == "health":
+            send(self.health_status, b"health\n")
+        else:
+            send(200, b"ok " + name)
+        return True
+
+
+class GProxy:
+    """gproxy under real gunicorn: ``GProxy(tmp_path, yaml_text).start()``."""
+
+    def __init__(self, workdir, config_text, env=None):
+        self.workdir = str(workdir)
+        self.port = free_port()
+        self.config_path = os.path.join(self.workdir, "gproxy.yaml")
+        with open(self.config_path, "w") as f:
+            f.write(config_text.replace("{port}", str(self.port)))
+        self.stdout_path = os.path.join(self.workdir, "gproxy.stdout")
+        self.stderr_path = os.path.join(self.workdir, "gproxy.stderr")
+        self.env = dict(os.environ, GPROXY_CONFIG=self.config_path, **(env or {}))
+        # this checkout's gproxy, whatever is installed
+        self.env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+        self.proc = None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout=15):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", os.path.join(REPO, "gunicorn.conf.py"), "gproxy.wsgi"],
+            cwd=self.workdir, env=self.env,
+            stdout=open(self.stdout_path, "wb"), stderr=open(self.stderr_path, "wb"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gproxy exited {self.proc.returncode}: {self.stderr()}")
+            if len(self.worker_pids()) >= self.expected_workers() and self._accepts():
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"gproxy did not start: {self.stderr()}")
+
+    def expected_workers(self):
+        import yaml
+        with open(self.config_path) as f:
+            return (yaml.safe_load(f) or {}).get("workers", 2)
+
+    def _accepts(self):
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def worker_pids(self):
+        if self.proc is None:
+            return []
+        try:
+            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+                kids = [int(p) for p in f.read().split()]
+        except OSError:
+            return []
+        out = []
+        for pid in kids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if b"worker" in f.read():
+                        out.append(pid)
+            except OSError:
+                pass
+        return out
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def stdout(self):
+        with open(self.stdout_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def stderr(self):
+        with open(self.stderr_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
+    def access_records(self, at_least=1, timeout=5):
+        """The JSON access log records so far, waiting until there are at
+        least ``at_least`` (a record is written after the response is sent)."""
+        import json
+        deadline = time.monotonic() + timeout
+        while True:
+            recs = [json.loads(line) for line in self.stdout().splitlines() if line.startswith("{")]
+            if len(recs) >= at_least or time.monotonic() > deadline:
+                return recs
+            time.sleep(0.02)
+
+
+def rss_kib(pid, field="VmRSS"):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def raw_request(port, data, timeout=10, read_until_close=True):
+    """Send bytes, return every byte the proxy sent back until it closed
+    (or until the timeout, for keep-alive answers)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while True:
+                d = s.recv(65536)
+                if not d:
+                    break
+                out += d
+                if not read_until_close and b"\r\n\r\n" in out:
+                    break
+        except socket.timeout:
+            pass
+        return out
