@@ -346,7 +346,7 @@ def upstream(doc, name, raw, path):
             "total": duration})),
         "retries": integer(0, 100),
         "pool": lambda d, v, p: Pool(**fields(d, v, p, {
-            "max_idle_per_backend": integer(0, 10000), "idle_timeout": duration})),
+            "max_idle_per_backend": integer(1, 10000), "idle_timeout": duration})),
         "passive": lambda d, v, p: Passive(**fields(d, v, p, {
             "max_fails": integer(0, 1000), "fail_timeout": duration})),
         "preserve_host": boolean,

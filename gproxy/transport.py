@@ -48,7 +48,7 @@ class UpstreamResponse:
     """The status, every header field in order (repeats kept), and the body."""
 
     __slots__ = ("status", "reason", "headers", "_resp", "_raw", "_deadline",
-                 "_idle", "completed", "index")
+                 "_idle", "completed", "index", "_conn")
 
     def __init__(self, resp, idle, deadline):
         self._resp = resp
@@ -60,7 +60,7 @@ class UpstreamResponse:
         self._deadline = deadline
         self.completed = False
         self.index = None
-        conn = raw.connection
+        self._conn = conn = raw.connection
         if conn is not None and conn.sock is not None:
             conn.sock.settimeout(idle)     # between body reads, not total
 
@@ -106,6 +106,9 @@ class UpstreamResponse:
         raw = self._raw
         if not self.completed:
             raw.close()
+        if self._conn is not None:
+            # read by ExactAdapter.send (the body's end may have returned it already)
+            self._conn.idle_since = time.monotonic()
         raw.release_conn()
 
 
@@ -181,6 +184,9 @@ class ExactAdapter(HTTPAdapter):
         for attempt in (1, 2):
             conn = pool._get_conn()
             reused = conn.sock is not None
+            if reused and time.monotonic() - getattr(conn, "idle_since", time.monotonic()) > self.idle_timeout:
+                conn.close()        # idle longer than pool.idle_timeout: a fresh one
+                reused = False
             try:
                 raw = self._exchange(pool, conn, request, connect_timeout, read_timeout, chunked)
                 break
@@ -252,6 +258,7 @@ class Transport:
         adapter = ExactAdapter(pool_connections=max(len(upstream.backends), 1),
                                pool_maxsize=max(upstream.pool.max_idle_per_backend, 1),
                                pool_block=False, max_retries=0)
+        adapter.idle_timeout = upstream.pool.idle_timeout
         s.mount("http://", adapter)
         s.mount("https://", adapter)
         self.session = s

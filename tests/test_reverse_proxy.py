@@ -423,3 +423,15 @@ def test_500_concurrent_slow_requests_through_two_workers(gproxy, backends):
     elapsed = time.monotonic() - t0
     assert statuses.count(200) == 500, {s: statuses.count(s) for s in set(statuses)}
     assert elapsed < 15, f"500 one-second requests took {elapsed:.1f}s"
+
+
+def test_idle_pooled_connections_expire_after_pool_idle_timeout(gproxy, backends):
+    b, = backends(1)
+    g = gproxy(conf(b, workers=1, upstream="    pool: {idle_timeout: 300ms}"))
+    get(g, "/1")
+    get(g, "/2")
+    assert b.connections == 1       # reused within the idle timeout
+    time.sleep(0.6)                 # the scenario: the pooled connection sits idle past 300 ms
+    get(g, "/3")
+    assert b.connections == 2
+    assert [r.conn_id for r in b.received] == [1, 1, 2]
