@@ -12,6 +12,7 @@ import errno
 import ipaddress
 import logging
 import os
+import sys
 import time
 
 from urllib3 import HTTPHeaderDict
@@ -128,7 +129,12 @@ class ProxyApp:
         except errors.ProxyError as e:
             return self.fail(e, ex, start_response)
         ex.status = resp.status
-        start_response(f"{resp.status} {resp.reason}", H.strip_hop_by_hop(resp.headers, H.RESPONSE_DROP))
+        try:
+            start_response(f"{resp.status} {resp.reason}", H.strip_hop_by_hop(resp.headers, H.RESPONSE_DROP))
+        except Exception as e:  # the server refuses a header it cannot write (e.g. a control byte)
+            Streamer(self, ex, up, resp).release()
+            return self.fail(errors.InvalidResponse(f"unwritable response header: {e!r}"), ex,
+                             start_response, sys.exc_info())
         return Streamer(self, ex, up, resp)
 
     def classify_and_route(self, environ, ex):
@@ -235,7 +241,7 @@ class ProxyApp:
     def respond_error_body(self, e):
         return (e.body + "\n").encode() if e.body else b""
 
-    def fail(self, e, ex, start_response):
+    def fail(self, e, ex, start_response, exc_info=None):
         ex.status = e.status
         ex.error = ex.error or e.kind
         if isinstance(e, errors.ClientAbort):
@@ -244,7 +250,7 @@ class ProxyApp:
         else:
             status_line, body = e.status_line, self.respond_error_body(e)
         start_response(status_line, [("Content-Type", "text/plain; charset=utf-8"),
-                                     ("Content-Length", str(len(body)))])
+                                     ("Content-Length", str(len(body)))], exc_info)
         ex.bytes_out = len(body)
         return Finished(self, ex, body)
 
@@ -313,10 +319,13 @@ class Streamer:
             # chunk and without logging a traceback for it.
             raise ConnectionResetError(errno.ECONNRESET, f"upstream {e.kind} mid-body") from e
 
+    def release(self):
+        self.resp.close()
+        self.up.inflight[self.resp.index] -= 1
+
     def close(self):
         ex, resp = self.ex, self.resp
-        resp.close()
-        self.up.inflight[resp.index] -= 1
+        self.release()
         if resp.completed:
             self.up.succeeded(resp.index)
         elif ex.error is None:

@@ -435,3 +435,13 @@ def test_idle_pooled_connections_expire_after_pool_idle_timeout(gproxy, backends
     get(g, "/3")
     assert b.connections == 2
     assert [r.conn_id for r in b.received] == [1, 1, 2]
+
+
+def test_response_header_the_server_cannot_write_is_502(gproxy, backends):
+    b, = backends(1)
+    b.handler = lambda backend, req, conn: conn.sock.sendall(
+        b"HTTP/1.1 200 OK\r\nX-Bad: a\x01b\r\nContent-Length: 2\r\n\r\nok") or True
+    g = gproxy(conf(b, workers=1, upstream="    retries: 0"))
+    r, body = get(g, "/x")
+    assert r.status == 502, body
+    assert g.access_records(1)[-1]["error"] == "invalid_response"
