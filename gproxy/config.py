@@ -410,6 +410,12 @@ def route(doc, raw, path, index, upstreams):
     return Route(index=index, **kw)
 
 
+def log_format(doc, value, path):
+    if value is False:      # YAML 1.1 reads a bare `off` as false
+        value = "off"
+    return one_of(LOG_FORMATS)(doc, value, path)
+
+
 TOP = {
     "listen": list_of(listen_address),
     "workers": integer(1, 256),
@@ -418,7 +424,7 @@ TOP = {
     "graceful_timeout": duration,
     "trusted_proxies": list_of(cidr),
     "access_log": lambda d, v, p: AccessLog(**fields(d, v, p, {
-        "format": one_of(LOG_FORMATS), "path": string})),
+        "format": log_format, "path": string})),
 }
 
 

@@ -138,3 +138,8 @@ def test_gunicorn_refuses_to_start_on_a_broken_config(tmp_path):
                        env=dict(os.environ, GPROXY_CONFIG=str(bad), PYTHONPATH=repo))
     assert p.returncode != 0
     assert f"{bad}:2: wrkers: unknown key" in p.stderr
+
+
+def test_bare_off_means_off():
+    # YAML 1.1 reads an unquoted `off` as false
+    assert config.parse("access_log: {format: off}").access_log.format == "off"
