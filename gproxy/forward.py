@@ -14,6 +14,7 @@ logged in the access log (``error``) and the error log.
 import ipaddress
 import logging
 import socket
+import time
 
 from urllib3 import HTTPHeaderDict
 
@@ -131,16 +132,19 @@ class ForwardProxy:
         for ip in addresses:
             backend = _backend(ip, dest)
             dests.inflight[0] += 1
+            t0 = time.monotonic()
             try:
                 resp = dests.transport.send(backend, ex.method, dest.target, fields, body, replayable)
             except errors.ProxyError as e:
                 dests.inflight[0] -= 1
+                ex.upstream_time = time.monotonic() - t0
                 if not (e.never_sent and not (body and body.started)):
                     raise
                 self.app.upstream_failed(ex, e, 0.0)
                 last = e
                 continue
             resp.index = 0
+            ex.upstream_time = time.monotonic() - t0
             ex.status = resp.status
             out = H.strip_hop_by_hop(resp.headers, H.RESPONSE_DROP)
             if self.cfg.via:

@@ -115,3 +115,25 @@ class WsEcho:
 
     def stop(self):
         self.server.shutdown()
+
+
+def ask(port, data, timeout=10):
+    """Send one request on a fresh connection and return the response, read
+    to its end by Content-Length or the chunked terminator (gunicorn keeps
+    the connection open unless the request's Connection is exactly "close")."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        while True:
+            head, sep, body = out.partition(b"\r\n\r\n")
+            if sep:
+                fields = {line.split(b":", 1)[0].strip().lower(): line.split(b":", 1)[1].strip()
+                          for line in head.split(b"\r\n")[1:] if b":" in line}
+                if b"content-length" in fields and len(body) >= int(fields[b"content-length"]):
+                    return out
+                if fields.get(b"transfer-encoding") == b"chunked" and body.endswith(b"0\r\n\r\n"):
+                    return out
+            chunk = s.recv(65536)
+            if not chunk:
+                return out
+            out += chunk

@@ -16,7 +16,7 @@ from passlib.apache import HtpasswdFile
 from passlib.hash import apr_md5_crypt
 
 from gproxy import config
-from origins import EchoServer, TlsOrigin
+from origins import EchoServer, TlsOrigin, ask
 from servers import pattern, raw_request
 
 OPEN_LOOPBACK = """  allow_private: ["127.0.0.1/32"]
@@ -57,26 +57,6 @@ def echo():
     e = EchoServer()
     yield e
     e.stop()
-
-
-def ask(port, data):
-    """One request on a fresh connection; the response read by its
-    Content-Length (gunicorn keeps the connection unless Connection is
-    exactly "close")."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(data)
-        out = b""
-        while b"\r\n\r\n" not in out:
-            chunk = s.recv(65536)
-            if not chunk:
-                return out
-            out += chunk
-        head = out.split(b"\r\n\r\n", 1)[0]
-        n = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                     if line.lower().startswith(b"content-length:")))
-        while len(out) < len(head) + 4 + n:
-            out += s.recv(65536)
-        return out
 
 
 def session():
