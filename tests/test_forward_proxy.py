@@ -77,7 +77,7 @@ def test_curl_x_plain_http_byte_exact(gproxy, backends, tmp_path):
     got = b.received[0]
     assert got.target == "/bytes/1048576?x=%2F", f"got {got.target!r}, want origin-form"
     assert got.header("Host") == f"127.0.0.1:{b.port}"
-    assert got.header("Via", ) and got.header("Via").startswith("1.1 "), got.headers
+    assert got.header("Via") and got.header("Via").startswith("1.1 "), got.headers
     names = {n.lower() for n, _ in got.headers}
     assert not names & {"proxy-connection", "proxy-authorization", "x-forwarded-for"}, names
 
