@@ -30,10 +30,14 @@ HASH_KEY_KINDS = ("header", "cookie", "client_ip", "path", "uri")
 LOG_FORMATS = ("json", "combined", "off")
 
 DEFAULT_YAML = """\
-# gproxy built-in default: listen on loopback; with no routes every
+# gproxy built-in default: a forward proxy on loopback for local clients
+# (curl -x http://127.0.0.1:8080 ...). With no routes every origin-form
 # request is answered 404 until a config file says where to send it.
 listen: ["127.0.0.1:8080"]
 workers: 2
+forward_proxy:
+  enabled: true
+  allow_clients: ["127.0.0.0/8", "::1/128"]
 """
 
 
@@ -111,6 +115,55 @@ class AccessLog:
 
 
 @dataclass(frozen=True)
+class ForwardAuth:
+    htpasswd: str                   # path; relative to the config file
+    realm: str = "gproxy"
+
+
+@dataclass(frozen=True)
+class ForwardPool:
+    # Idle keep-alive connections are kept per destination (ip:port) in an
+    # LRU of at most max_destinations pools, so browsing many hosts cannot
+    # grow them without limit.
+    max_destinations: int = 100
+    max_idle_per_destination: int = 4
+
+
+# Squid's default Safe_ports (squid.conf.default), for absolute-form requests.
+SQUID_SAFE_PORTS = ((80, 80), (21, 21), (443, 443), (70, 70), (210, 210), (1025, 65535),
+                    (280, 280), (488, 488), (591, 591), (777, 777))
+
+
+@dataclass(frozen=True)
+class ForwardProxy:
+    """Absolute-form requests and CONNECT. Off unless configured: an open
+    proxy is never the default (Squid: ``http_access deny all``)."""
+    enabled: bool = False
+    allow_clients: tuple = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    allow_hosts: tuple = ()             # globs; empty = any host
+    deny_hosts: tuple = ()              # globs, checked first
+    connect_ports: tuple = ((443, 443),)        # Squid SSL_ports
+    http_ports: tuple = SQUID_SAFE_PORTS
+    block_private_destinations: bool = True
+    allow_private: tuple = ()           # CIDRs opened despite block_private_destinations
+    auth: ForwardAuth | None = None
+    via: bool = True                    # Squid "via on"; also loop protection
+    via_name: str | None = None         # received-by in Via; default hostname:port
+    x_forwarded_for: bool = False       # tinyproxy; Squid's forwarded_for is on
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    pool: ForwardPool = field(default_factory=ForwardPool)
+    max_body: int | None = None
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """CONNECT tunnels and Upgrade (WebSocket) connections once spliced."""
+    idle_timeout: float = 900.0         # Squid read_timeout 15 min
+    max_duration: float | None = None   # off, as HAProxy timeout tunnel has no total
+    upgrade_protocols: tuple = ("websocket",)
+
+
+@dataclass(frozen=True)
 class Config:
     source: str = "<built-in>"
     listen: tuple = ("127.0.0.1:8080",)
@@ -122,6 +175,8 @@ class Config:
     access_log: AccessLog = field(default_factory=AccessLog)
     upstreams: dict = field(default_factory=dict)
     routes: tuple = ()
+    forward_proxy: ForwardProxy = field(default_factory=ForwardProxy)
+    tunnel: Tunnel = field(default_factory=Tunnel)
 
 
 # --- YAML with line numbers -----------------------------------------------
@@ -416,6 +471,74 @@ def log_format(doc, value, path):
     return one_of(LOG_FORMATS)(doc, value, path)
 
 
+def port_range(doc, value, path):
+    """443, or a range "1025-65535"."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        lo = hi = value
+    else:
+        m = re.match(r"^\s*(\d+)\s*-\s*(\d+)\s*$", str(value)) if isinstance(value, str) else None
+        if not m:
+            doc.fail(path, f"expected a port or a range like 1025-65535, got {value!r}")
+        lo, hi = int(m.group(1)), int(m.group(2))
+    if not 1 <= lo <= hi <= 65535:
+        doc.fail(path, f"ports are 1-65535, low to high, got {value!r}")
+    return (lo, hi)
+
+
+_GLOB = re.compile(r"^[a-z0-9.*?\[\]:-]+$")
+
+
+def host_glob(doc, value, path):
+    value = string(doc, value, path).lower()
+    if not _GLOB.match(value):
+        doc.fail(path, f"expected a host name glob like *.example.com, got {value!r}")
+    return value
+
+
+def forward_proxy(doc, value, path):
+    def auth(d, v, p):
+        kw = fields(d, v, p, {"htpasswd": string, "realm": string})
+        if "htpasswd" not in kw:
+            d.fail(p, "missing key 'htpasswd'")
+        if '"' in kw.get("realm", "") or "\\" in kw.get("realm", ""):
+            d.fail(f"{p}.realm", "must not contain quotes or backslashes")
+        f = kw["htpasswd"]
+        if not os.path.isabs(f) and os.path.isfile(d.source):
+            f = os.path.join(os.path.dirname(os.path.abspath(d.source)), f)
+        if not os.access(f, os.R_OK):
+            d.fail(f"{p}.htpasswd", f"cannot read {f}")
+        kw["htpasswd"] = f
+        return ForwardAuth(**kw)
+
+    spec = {
+        "enabled": boolean, "allow_clients": list_of(cidr), "allow_hosts": list_of(host_glob),
+        "deny_hosts": list_of(host_glob), "connect_ports": list_of(port_range),
+        "http_ports": list_of(port_range), "block_private_destinations": boolean,
+        "allow_private": list_of(cidr), "auth": auth, "via": boolean, "via_name": string,
+        "x_forwarded_for": boolean, "max_body": size,
+        "timeouts": lambda d, v, p: Timeouts(**fields(d, v, p, {
+            "connect": duration, "response_header": duration, "idle": duration,
+            "total": duration})),
+        "pool": lambda d, v, p: ForwardPool(**fields(d, v, p, {
+            "max_destinations": integer(1, 100000),
+            "max_idle_per_destination": integer(0, 10000)})),
+    }
+    kw = fields(doc, value, path, spec)
+    kw.setdefault("enabled", True)     # writing the section means wanting it
+    return ForwardProxy(**kw)
+
+
+def tunnel(doc, value, path):
+    kw = fields(doc, value, path, {
+        "idle_timeout": duration, "max_duration": duration,
+        "upgrade_protocols": list_of(lambda d, v, p: string(d, v, p).lower())})
+    if kw.get("idle_timeout") == 0:
+        doc.fail(f"{path}.idle_timeout", "must be more than 0")
+    if kw.get("max_duration") == 0:
+        kw["max_duration"] = None
+    return Tunnel(**kw)
+
+
 TOP = {
     "listen": list_of(listen_address),
     "workers": integer(1, 256),
@@ -425,6 +548,8 @@ TOP = {
     "trusted_proxies": list_of(cidr),
     "access_log": lambda d, v, p: AccessLog(**fields(d, v, p, {
         "format": log_format, "path": string})),
+    "forward_proxy": forward_proxy,
+    "tunnel": tunnel,
 }
 
 

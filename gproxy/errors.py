@@ -89,3 +89,22 @@ class ClientAbort(ProxyError):
     # nginx logs 499 for a client that went away; nothing is sent to anyone.
     status, reason, kind = 499, "Client Closed Request", "client_abort"
     body = ""
+
+
+class Forbidden(ProxyError):
+    # Squid answers http_access denials with 403; so do the forward-proxy ACLs.
+    status, reason, kind = 403, "Forbidden", "forbidden"
+    body = "Access denied by the proxy's rules."
+
+
+class ProxyAuthRequired(ProxyError):
+    # RFC 9110 15.5.8. gunicorn drops Proxy-Authenticate from start_response,
+    # so the forward proxy writes this answer to the socket itself.
+    status, reason, kind = 407, "Proxy Authentication Required", "proxy_auth"
+    body = "Proxy authentication required."
+
+
+class DnsError(ProxyError):
+    # nginx answers 502 when a proxied name cannot be resolved.
+    status, reason, kind = 502, "Bad Gateway", "dns_error"
+    body = "The proxy could not resolve the destination host."

@@ -17,7 +17,7 @@ import time
 
 from urllib3 import HTTPHeaderDict
 
-from . import accesslog, errors, headers as H
+from . import accesslog, errors, forward as _forward, headers as H, upgrade as _upgrade
 from .balancer import make_policy
 from .health import PassiveHealth
 from .router import Router, upstream_target
@@ -114,17 +114,24 @@ class ProxyApp:
         self.trusted = tuple(config.trusted_proxies)
         self.format_access = accesslog.setup(config.access_log)
         self._trust_cache = {}
+        self.forward_proxy = _forward.ForwardProxy(self, config)
+        self.upgrades = _upgrade.Upgrades(self, config.tunnel)
 
     # -- the story -----------------------------------------------------------
 
     def __call__(self, environ, start_response):
         ex = Exchange(environ)
+        if self.forward_proxy.handles(ex):      # absolute-form and CONNECT
+            return self.forward_proxy(environ, start_response, ex)
         try:
             route = self.classify_and_route(environ, ex)
             up = self.upstreams[route.upstream]
             body = self.admit(environ, route, ex)
             fields = self.upstream_headers(environ, ex, up)
             target = upstream_target(route, ex.target)
+            if self.upgrades.requested(environ):    # WebSocket: a tunnel after the 101
+                return self.upgrades.relay(environ, start_response, ex, up, target, fields, body,
+                                           self.hash_key(environ, ex, up))
             resp = self.forward(ex, up, target, fields, body, self.hash_key(environ, ex, up))
         except errors.ProxyError as e:
             return self.fail(e, ex, start_response)

@@ -248,14 +248,16 @@ class ExactAdapter(HTTPAdapter):
 class Transport:
     """Pooled keep-alive connections to the backends of one upstream."""
 
-    def __init__(self, upstream):
+    def __init__(self, upstream, pools=None):
+        """``pools``: how many per-backend pools to keep (an LRU; the least
+        recently used is closed first); default one per configured backend."""
         self.timeouts = upstream.timeouts
         s = requests.Session()
         s.trust_env = False                 # no env proxies, no .netrc
         s.headers.clear()                   # no default User-Agent, Accept, ...
         s.max_redirects = 0
         s.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # store nothing
-        adapter = ExactAdapter(pool_connections=max(len(upstream.backends), 1),
+        adapter = ExactAdapter(pool_connections=pools or max(len(upstream.backends), 1),
                                pool_maxsize=max(upstream.pool.max_idle_per_backend, 1),
                                pool_block=False, max_retries=0)
         adapter.idle_timeout = upstream.pool.idle_timeout
