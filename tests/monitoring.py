@@ -22,6 +22,17 @@ STATSD_NPM_VERSION = "0.9.0"
 NODE_DIR = os.environ.get("GPROXY_TEST_NODE_DIR", os.path.join(REPO, ".ci", "node"))
 
 
+def settle(measure, want, timeout, interval=0.2):
+    """Poll ``measure()`` until it equals ``want`` or ``timeout`` passes;
+    return the last measurement (the caller asserts on it, showing the diff)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = measure()
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(interval)
+
+
 def wait_until(predicate, timeout, what, interval=0.05):
     """Poll ``predicate`` until it returns a true value; fail naming ``what``."""
     deadline = time.monotonic() + timeout
