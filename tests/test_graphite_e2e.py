@@ -5,12 +5,16 @@ flush for the test), on free loopback ports, with a temporary whisper tree.
 """
 
 import http.client
+import json
+import os
+import re
 import time
 
 import pytest
 
+from gproxy import config, stats
 from monitoring import Carbon, NodeStatsd, settle, wait_until
-from servers import free_port
+from servers import REPO, free_port
 
 
 @pytest.fixture
@@ -107,3 +111,50 @@ routes:
     assert carbon.fetch(gauge, since)[-1][1] == 0, "every request ended"
     bytes_out = total(c + "server.bytes_out.count")
     assert bytes_out > 0
+
+
+def dashboard_patterns():
+    """Every metric path the dashboard queries, as a regex over stored names."""
+    with open(os.path.join(REPO, "ops", "monitoring", "dashboard.json")) as f:
+        targets = [t for graph in json.load(f) for t in graph["target"]]
+    node = r"(?:[A-Za-z0-9_*]+|\{[A-Za-z0-9_,]+\})"
+    paths = {m for t in targets for m in re.findall(rf"stats\.{node}(?:\.{node})*", t)}
+    out = {}
+    for path in paths:
+        rx = re.escape(path).replace(r"\*", "[^.]*")
+        rx = re.sub(r"\\\{([^}]*)\\\}", lambda m: "(?:" + m.group(1).replace(",", "|") + ")", rx)
+        out[path] = re.compile(rx + "$")
+    return out
+
+
+def test_dashboard_queries_match_stored_series(gproxy, backends, graphite):
+    """Every series ops/monitoring/dashboard.json graphs exists after real
+    traffic, plus the health and tunnel metrics sent the way the supervisor
+    and the tunnel code send them."""
+    carbon, daemon = graphite
+    b, = backends(1)
+    g = gproxy(f"""
+listen: ["127.0.0.1:{{port}}"]
+workers: 1
+statsd: {{port: {daemon.port}}}
+upstreams: {{api: {{backends: ["http://127.0.0.1:{free_port()}", "{b.url}"]}}}}
+routes: [{{upstream: api, name: api}}]
+""")
+    # the first request meets the dead backend: error, ejection, retry
+    assert [get(g, "/ok"), get(g, "/status/503")] == [200, 503]
+    supervisor = stats.Stats(config.parse(f"statsd: {{port: {daemon.port}}}").statsd)
+    supervisor.health_available("api", 1)
+    supervisor.health_state_changed("api", b.url[7:], False)
+    supervisor.health_check_latency("api", b.url[7:], 0.004)
+    supervisor.tunnel_opened()
+    supervisor.tunnel_closed(100, 2000, 0.5)
+    supervisor.close()
+    patterns = dashboard_patterns()
+    assert len(patterns) >= 14, sorted(patterns)
+    g.stop()        # no more traffic; what was sent is flushed within a second
+
+    def missing():
+        names = carbon.metrics()
+        return sorted(p for p, rx in patterns.items() if not any(rx.match(n) for n in names))
+    left = settle(missing, [], 20)
+    assert left == [], f"dashboard series with no data: {left}"
