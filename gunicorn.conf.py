@@ -9,6 +9,7 @@ which must be imported after the gevent worker has monkey-patched
 import sys
 
 from gproxy import config as _config
+from gproxy import logs as _logs
 from gproxy.errors import ConfigError
 
 try:
@@ -33,7 +34,16 @@ http_parser = "python"          # the hijack paths rely on the Python parser's i
 forwarded_allow_ips = ""
 secure_scheme_headers = {}
 accesslog = None                # gproxy writes its own access log
-errorlog = "-"
+errorlog = _cfg.error_log.path
+loglevel = _cfg.error_log.level
+# gunicorn's own metrics (requests, workers, log.*) land under
+# <prefix>.gunicorn.*, a branch gproxy's names never use.
+_gunicorn_statsd = _cfg.statsd.enabled and _cfg.statsd.gunicorn
+if _gunicorn_statsd:
+    _h = _cfg.statsd.host
+    statsd_host = f"[{_h}]:{_cfg.statsd.port}" if ":" in _h else f"{_h}:{_cfg.statsd.port}"
+    statsd_prefix = _cfg.statsd.prefix
+logger_class = _logs.gunicorn_logger_class(_cfg.error_log, _gunicorn_statsd)
 
 
 def pre_request(worker, req):

@@ -28,6 +28,8 @@ except AttributeError:  # PyYAML built without libyaml
 BALANCE_POLICIES = ("round_robin", "least_conn", "random", "consistent_hash")
 HASH_KEY_KINDS = ("header", "cookie", "client_ip", "path", "uri")
 LOG_FORMATS = ("json", "combined", "off")
+ERROR_LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")    # gunicorn's
 
 DEFAULT_YAML = """\
 # gproxy built-in default: a forward proxy on loopback for local clients
@@ -164,6 +166,25 @@ class Tunnel:
 
 
 @dataclass(frozen=True)
+class ErrorLog:
+    format: str = "text"            # gunicorn's and nginx's error logs are text
+    path: str = "-"                 # "-" is stderr (gunicorn's errorlog default)
+    level: str = "info"             # gunicorn's loglevel default
+
+
+@dataclass(frozen=True)
+class StatsD:
+    # Writing a statsd section turns metrics on; without one they are off
+    # (as gunicorn without statsd_host). See README "Metrics".
+    enabled: bool = True
+    host: str = "127.0.0.1"         # StatsD's default address and port
+    port: int = 8125
+    prefix: str = "gproxy"
+    max_udp_size: int = 1432        # Etsy statsd docs: 1432 for MTU 1500, 512 across the internet
+    gunicorn: bool = False          # gunicorn's own metrics, under <prefix>.gunicorn
+
+
+@dataclass(frozen=True)
 class Config:
     source: str = "<built-in>"
     listen: tuple = ("127.0.0.1:8080",)
@@ -173,6 +194,8 @@ class Config:
     graceful_timeout: float = 30.0          # gunicorn default
     trusted_proxies: tuple = ()             # believe no X-Forwarded-* by default
     access_log: AccessLog = field(default_factory=AccessLog)
+    error_log: ErrorLog = field(default_factory=ErrorLog)
+    statsd: StatsD = field(default_factory=lambda: StatsD(enabled=False))
     upstreams: dict = field(default_factory=dict)
     routes: tuple = ()
     forward_proxy: ForwardProxy = field(default_factory=ForwardProxy)
@@ -425,12 +448,20 @@ _METHOD = re.compile(r"^[A-Z]+$")
 
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+_PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 
 def name(doc, value, path):
     value = string(doc, value, path)
     if not _NAME.match(value):
         doc.fail(path, f"names use letters, digits, '_', '.' and '-' only, got {value!r}")
+    return value
+
+
+def metric_prefix(doc, value, path):
+    value = string(doc, value, path)
+    if not _PREFIX.match(value):
+        doc.fail(path, f"expected dotted names of letters, digits, '_' and '-', got {value!r}")
     return value
 
 
@@ -550,6 +581,11 @@ TOP = {
         "format": log_format, "path": string})),
     "forward_proxy": forward_proxy,
     "tunnel": tunnel,
+    "error_log": lambda d, v, p: ErrorLog(**fields(d, v, p, {
+        "format": one_of(ERROR_LOG_FORMATS), "path": string, "level": one_of(LOG_LEVELS)})),
+    "statsd": lambda d, v, p: StatsD(**fields(d, v, p, {
+        "enabled": boolean, "host": string, "port": integer(1, 65535), "prefix": metric_prefix,
+        "max_udp_size": integer(64, 65507), "gunicorn": boolean})),
 }
 
 

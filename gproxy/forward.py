@@ -178,7 +178,7 @@ class ForwardProxy:
         ex.status = 200
         splice = tunnel.Splice(client, upstream, self.tunnel_cfg.idle_timeout,
                                self.tunnel_cfg.max_duration)
-        tunnel.opened()
+        tunnel.opened(self.app)
         try:
             client.sendall(ESTABLISHED)
         except OSError:

@@ -17,7 +17,7 @@ import time
 
 from urllib3 import HTTPHeaderDict
 
-from . import accesslog, errors, forward as _forward, headers as H, upgrade as _upgrade
+from . import accesslog, errors, forward as _forward, headers as H, stats, upgrade as _upgrade
 from .balancer import make_policy
 from .health import PassiveHealth
 from .router import Router, upstream_target
@@ -66,13 +66,19 @@ class UpstreamState:
     def succeeded(self, i):
         self.passive.success(i, time.monotonic())
 
+    def ejected(self, name):
+        """True when backend ``name`` is out of rotation now (passive health)."""
+        now = time.monotonic()
+        return any(b.name == name and not self.available(i, now) for i, b in enumerate(self.backends))
+
 
 class Exchange:
     """What is known about one request, for the logs and metrics."""
 
     __slots__ = ("start", "method", "target", "protocol", "client", "host", "route",
                  "upstream", "backend", "status", "bytes_in", "bytes_out", "retries",
-                 "request_id", "upstream_time", "error", "user_agent", "referer", "body")
+                 "request_id", "upstream_time", "error", "user_agent", "referer", "body",
+                 "upstream_start", "connect_time")
 
     def __init__(self, environ):
         self.start = time.time()
@@ -90,6 +96,8 @@ class Exchange:
         self.user_agent = environ.get("HTTP_USER_AGENT", "")
         self.referer = environ.get("HTTP_REFERER", "")
         self.body = None
+        self.upstream_start = None     # monotonic, when the answering attempt began
+        self.connect_time = None       # seconds, when that attempt opened a connection
 
     def record(self):
         if self.body is not None:
@@ -114,6 +122,7 @@ class ProxyApp:
         self.trusted = tuple(config.trusted_proxies)
         self.format_access = accesslog.setup(config.access_log)
         self._trust_cache = {}
+        self.stats = stats.Stats(config.statsd)
         self.forward_proxy = _forward.ForwardProxy(self, config)
         self.upgrades = _upgrade.Upgrades(self, config.tunnel)
 
@@ -121,6 +130,7 @@ class ProxyApp:
 
     def __call__(self, environ, start_response):
         ex = Exchange(environ)
+        self.stats.request_started()
         if self.forward_proxy.handles(ex):      # absolute-form and CONNECT
             return self.forward_proxy(environ, start_response, ex)
         try:
@@ -241,6 +251,7 @@ class ProxyApp:
                     raise
                 continue
             ex.upstream_time = time.monotonic() - t0
+            ex.upstream_start, ex.connect_time = t0, resp.connect_time
             resp.index = i
             return resp
         raise last or errors.NoBackend(f"no available backend in upstream {up.name}")
@@ -266,7 +277,12 @@ class ProxyApp:
     def upstream_failed(self, ex, e, elapsed):
         ex.error = e.kind
         log.warning("upstream %s: route=%s upstream=%s backend=%s after=%.3fs request_id=%s: %s",
-                    e.kind, ex.route, ex.upstream, ex.backend, elapsed, ex.request_id, e)
+                    e.kind, ex.route, ex.upstream, ex.backend, elapsed, ex.request_id, e,
+                    extra={"fields": {"event": "upstream_failed", "kind": e.kind, "route": ex.route,
+                                      "upstream": ex.upstream, "backend": ex.backend,
+                                      "after": round(elapsed, 6), "request_id": ex.request_id}})
+        self.stats.attempt_failed(ex.upstream, ex.backend, e.kind,
+                                  self.upstreams[ex.upstream].ejected(ex.backend))
 
     def is_trusted(self, addr):
         if not self.trusted:
@@ -301,6 +317,7 @@ class ProxyApp:
     def record(self, ex):
         if self.format_access is not None:
             accesslog.access(self.format_access(ex.record()))
+        self.stats.record(ex)
 
 
 class Streamer:

@@ -48,7 +48,7 @@ class UpstreamResponse:
     """The status, every header field in order (repeats kept), and the body."""
 
     __slots__ = ("status", "reason", "headers", "_resp", "_raw", "_deadline",
-                 "_idle", "completed", "index", "_conn")
+                 "_idle", "completed", "index", "_conn", "connect_time")
 
     def __init__(self, resp, idle, deadline):
         self._resp = resp
@@ -60,6 +60,7 @@ class UpstreamResponse:
         self._deadline = deadline
         self.completed = False
         self.index = None
+        self.connect_time = None    # seconds, when this request opened a new connection
         self._conn = conn = raw.connection
         if conn is not None and conn.sock is not None:
             conn.sock.settimeout(idle)     # between body reads, not total
@@ -209,6 +210,7 @@ class ExactAdapter(HTTPAdapter):
         body = request.body
         if conn.sock is None:
             conn.timeout = connect_timeout
+            t0 = time.monotonic()
             try:
                 conn.connect()
             except NewConnectionError as e:
@@ -217,6 +219,7 @@ class ExactAdapter(HTTPAdapter):
                 raise errors.UpstreamConnectTimeout(f"connect: {_describe(e)}") from e
             except OSError as e:
                 raise errors.UpstreamConnectError(_describe(e)) from e
+            request.connect_time = time.monotonic() - t0
         try:
             conn.request(request.method, request.target, body=body, headers=request.headers,
                          chunked=chunked, preload_content=False, decode_content=False,
@@ -289,6 +292,9 @@ class Transport:
         prep.hooks = {"response": []}
         prep._cookies = None
         prep._body_position = None
+        prep.connect_time = None
         resp = self.session.send(prep, stream=True, timeout=(t.connect, header_wait),
                                  allow_redirects=False)
-        return UpstreamResponse(resp, t.idle, deadline)
+        out = UpstreamResponse(resp, t.idle, deadline)
+        out.connect_time = prep.connect_time
+        return out

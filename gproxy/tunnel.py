@@ -193,9 +193,10 @@ class Splice:
             self.bytes_down += len(data)
 
 
-def opened():
+def opened(app):
     global open_tunnels
     open_tunnels += 1
+    app.stats.tunnel_opened()
 
 
 def finish(app, ex, splice):
@@ -210,6 +211,8 @@ def finish(app, ex, splice):
         rec["tunnel"] = {"end": splice.end, "duration": round(splice.duration, 6),
                          "open": open_tunnels}
         accesslog.access(app.format_access(rec))
+    app.stats.tunnel_closed(splice.bytes_up, splice.bytes_down, splice.duration)
+    app.stats.record(ex)
 
 
 class RawResponse:

@@ -91,7 +91,7 @@ class Upgrades:
     def splice(self, environ, ex, up, i, sock, head, rest):
         client, early = tunnel.hijack(environ)
         splice = tunnel.Splice(client, sock, self.cfg.idle_timeout, self.cfg.max_duration)
-        tunnel.opened()
+        tunnel.opened(self.app)
         try:
             client.sendall(head)
         except OSError:

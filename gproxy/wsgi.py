@@ -8,7 +8,7 @@ handlers created here belong to this worker alone.
 import logging
 import sys
 
-from . import __version__, config, proxy
+from . import __version__, config, logs, proxy
 
 
 def _setup_error_log():
@@ -33,4 +33,6 @@ def _name_server():
 
 _setup_error_log()
 _name_server()
-application = proxy.ProxyApp(config.load())
+_config = config.load()
+logs.setup(_config.error_log)
+application = proxy.ProxyApp(_config)

@@ -1,0 +1,162 @@
+"""Metrics through real gunicorn: a UDP listener in the test receives the
+exact StatsD packets for a scripted sequence of requests."""
+
+import http.client
+import os
+
+import pytest
+
+from monitoring import StatsdListener, free_udp_port, wait_until
+from servers import free_port
+
+
+@pytest.fixture
+def listener():
+    lst = StatsdListener()
+    yield lst
+    lst.close()
+
+
+def dead_url():
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def get(g, path, method="GET", body=None, headers=None):
+    c = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+    c.request(method, path, body=body, headers=headers or {})
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, data
+
+
+def metrics_conf(port, live, pair_live, extra_statsd=""):
+    """web.pool: one live backend with a 300 ms header timeout; pair: a dead
+    and a live backend (round robin tries the dead one first); gone: two
+    dead backends; every name has a dot or colon to sanitise."""
+    return f"""
+listen: ["127.0.0.1:{{port}}"]
+workers: 1
+statsd: {{host: 127.0.0.1, port: {port}, prefix: gp.test{extra_statsd}}}
+upstreams:
+  web.pool:
+    backends: ["{live.url}"]
+    timeouts: {{response_header: 300ms}}
+    retries: 0
+  pair:
+    backends: ["{dead_url()}", "{pair_live.url}"]
+  gone:
+    backends: ["{dead_url()}", "{dead_url()}"]
+routes:
+  - {{path_prefix: /pair/, upstream: pair, name: pair}}
+  - {{path_prefix: /gone/, upstream: gone, name: gone}}
+  - {{path_prefix: /, upstream: web.pool, name: main.v1}}
+"""
+
+
+def test_scripted_requests_send_exact_metrics(gproxy, backends, listener):
+    live, pair_live = backends(2)
+    g = gproxy(metrics_conf(listener.port, live, pair_live))
+    sent_out = 0
+    script = [
+        ("GET", "/echo", None, 200),
+        ("POST", "/echo", b"x" * 100, 200),
+        ("GET", "/status/404", None, 404),
+        ("GET", "/sleep/1500", None, 504),     # no response header within 300 ms
+        ("GET", "/pair/a", None, 200),          # dead backend ejected, retried on the live one
+        ("GET", "/gone/a", None, 502),          # both dead: both ejected
+        ("GET", "/gone/b", None, 503),          # nothing left to choose
+    ]
+    for method, path, body, want in script:
+        status, data = get(g, path, method, body)
+        assert status == want, f"{method} {path}: got {status}, want {want}"
+        sent_out += len(data)
+    p = "gp.test."
+    wait_until(lambda: sum(v for k, v in listener.counters(p + "server.responses.").items()) >= 7,
+               10, "7 recorded responses")
+    backend = "backend.127_0_0_1_" + str(live.port)
+    pair_backend = "backend.127_0_0_1_" + str(pair_live.port)
+    counters = listener.counters(p)
+    errors = {k: v for k, v in counters.items() if ".errors." in k or k.endswith(".ejected")}
+    dead_pair = [k for k in errors if k.startswith(p + "upstream.pair.backend.")]
+    assert len(dead_pair) == 2, errors     # errors.connect_error and ejected of the dead one
+    gone = sorted(k for k in errors if k.startswith(p + "upstream.gone.backend."))
+    assert len(gone) == 4, errors          # two backends x (errors.connect_error, ejected)
+    assert all(errors[k] == 1 for k in dead_pair + gone), errors
+    rest = {k: v for k, v in counters.items() if k not in dead_pair + gone}
+    assert rest == {
+        p + "server.responses.2xx": 3, p + "server.responses.4xx": 1, p + "server.responses.5xx": 3,
+        p + "route.main_v1.requests.2xx": 2, p + "route.main_v1.requests.4xx": 1,
+        p + "route.main_v1.requests.5xx": 1, p + "route.pair.requests.2xx": 1,
+        p + "route.gone.requests.5xx": 2,
+        p + "server.bytes_in": 100, p + "server.bytes_out": sent_out,
+        p + "server.errors.timeout": 1, p + "server.errors.connect_error": 3,
+        p + "server.errors.no_backend": 1,
+        p + "upstream.web_pool.errors.timeout": 1, p + f"upstream.web_pool.{backend}.errors.timeout": 1,
+        p + "upstream.pair.errors.connect_error": 1, p + "upstream.pair.retries": 1,
+        p + "upstream.gone.errors.connect_error": 2, p + "upstream.gone.retries": 1,
+        p + "upstream.gone.errors.no_backend": 1,
+    }, counters
+    timers = {k: len(v) for k, v in listener.timers(p).items()}
+    # The first request opened the one connection to web.pool's backend and
+    # the other three reused it (a connect timer only for a new connection);
+    # the timed-out attempt has no timings.
+    assert live.connections == 1 and pair_live.connections == 1
+    assert timers == {
+        p + "route.main_v1.duration": 4, p + "route.pair.duration": 1, p + "route.gone.duration": 2,
+        p + "upstream.web_pool.connect": 1, p + "upstream.web_pool.ttfb": 3,
+        p + "upstream.web_pool.total": 3,
+        p + f"upstream.web_pool.{backend}.connect": 1, p + f"upstream.web_pool.{backend}.ttfb": 3,
+        p + f"upstream.web_pool.{backend}.total": 3,
+        p + "upstream.pair.connect": 1, p + "upstream.pair.ttfb": 1, p + "upstream.pair.total": 1,
+        p + f"upstream.pair.{pair_backend}.connect": 1, p + f"upstream.pair.{pair_backend}.ttfb": 1,
+        p + f"upstream.pair.{pair_backend}.total": 1,
+    }, timers
+    t = listener.timers(p)
+    assert all(v >= 0 for vs in t.values() for v in vs)
+    assert t[p + "upstream.web_pool.ttfb"][0] <= t[p + "upstream.web_pool.total"][0]
+    assert max(t[p + "route.main_v1.duration"]) >= 300, "the 504 waited 300 ms"
+    gauges = listener.gauges(p)
+    assert sorted(gauges) == [p + "server.connections.active"]
+    active = gauges[p + "server.connections.active"]
+    assert sorted(active) == ["+1"] * 7 + ["-1"] * 7, active
+    assert "statsd" not in g.stderr(), g.stderr()
+
+
+def test_gunicorn_metrics_live_under_their_own_branch(gproxy, backends, listener):
+    b, other = backends(2)
+    g = gproxy(metrics_conf(listener.port, b, other, extra_statsd=", gunicorn: true"))
+    for _ in range(3):
+        assert get(g, "/x")[0] == 200
+    wait_until(lambda: listener.counters("gp.test.gunicorn.requests"), 10, "gunicorn's request counter")
+    wait_until(lambda: listener.counters("gp.test.server.responses.2xx").get(
+        "gp.test.server.responses.2xx") == 3, 10, "gproxy's 3 responses")
+    names = {n for n, _, _ in listener.parsed()}
+    theirs = {n for n in names if n.startswith("gp.test.gunicorn.")}
+    ours = names - theirs
+    assert "gp.test.gunicorn.request.status.200" in theirs, sorted(theirs)
+    assert all(n.startswith(("gp.test.server.", "gp.test.route.", "gp.test.upstream."))
+               for n in ours), sorted(ours)
+
+
+def test_statsd_unreachable_requests_succeed_and_it_is_logged_once(gproxy, backends):
+    b, = backends(1)
+    port = free_udp_port()      # nothing listens there
+    g = gproxy(f"""
+listen: ["127.0.0.1:{{port}}"]
+workers: 1
+statsd: {{host: 127.0.0.1, port: {port}}}
+upstreams:
+  web: {{backends: ["{b.url}"]}}
+routes: [{{upstream: web}}]
+""")
+    for i in range(30):
+        status, data = get(g, f"/n{i}")
+        assert status == 200, f"request {i}: got {status}"
+    assert len(b.received) == 30
+    wait_until(lambda: "statsd" in g.stderr(), 5, "the statsd failure in the error log")
+    lines = [line for line in g.stderr().splitlines() if "statsd" in line]
+    assert len(lines) == 1, lines
+    assert f"127.0.0.1:{port}" in lines[0] and "refused" in lines[0].lower(), lines[0]
+    assert len(g.access_records(30)) == 30
+    assert os.path.exists(g.config_path)
