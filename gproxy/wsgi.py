@@ -8,7 +8,7 @@ handlers created here belong to this worker alone.
 import logging
 import sys
 
-from . import __version__, config, proxy
+from . import __version__, config, lifecycle, proxy
 
 
 def _setup_error_log():
@@ -33,4 +33,7 @@ def _name_server():
 
 _setup_error_log()
 _name_server()
-application = proxy.ProxyApp(config.load())
+# The arbiter's last good config (inherited at fork), so a HUP with a broken
+# file keeps serving the old one; the file when run without gunicorn.conf.py.
+_config = lifecycle.CONFIG or config.load()
+application = proxy.ProxyApp(_config, lifecycle.worker_health(_config))
