@@ -67,6 +67,26 @@ def runtime_dir(cfg, pid):
     return os.path.join(bases[-1], f"gproxy-{pid}")
 
 
+def sweep_stale(directory):
+    """Remove the runtime directories of arbiters that no longer exist (a
+    whole process group SIGKILLed, or the OOM killer, leaves them behind)."""
+    base = os.path.dirname(directory)
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for entry in names:
+        prefix, _, pid = entry.partition("-")
+        if prefix != "gproxy" or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(base, entry), ignore_errors=True)
+        except PermissionError:
+            pass                    # someone else's live process
+
+
 class SupervisorKeeper:
     """Starts, watches, signals and stops ``python -m gproxy.supervisor``."""
 
@@ -81,6 +101,7 @@ class SupervisorKeeper:
         self.thread = threading.Thread(target=self.watch, name="supervisor_watchdog", daemon=True)
 
     def start(self):
+        sweep_stale(self.directory)
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         self.spawn()
         self.thread.start()

@@ -263,10 +263,7 @@ class Supervisor:
                              "at": time.time(), "detail": detail}
             now = time.monotonic()
             if bh.active.result(ok, now, f"active check: {detail}"):
-                log.warning("upstream %s backend %s is %s after %d checks: %s", u, b,
-                            "up" if bh.active.up else "down",
-                            bh.active.successes if bh.active.up else bh.active.failures, detail)
-                self.publish(now)
+                self.publish(now)       # logs the change
         self.events.check_done(u, b, seconds, ok)
 
     def failure_reported(self, upstream, backend, kind):
