@@ -142,9 +142,15 @@ class TableReader:
         self.version = 0
         self.states = {}
         self.was_fresh = False
+        self.asked_at = None
 
     def fresh(self, now):
-        """True when the table holds current state (then ``states`` is it)."""
+        """True when the table holds current state (then ``states`` is it).
+        One balancing decision asks once per backend with the same ``now``:
+        the first answer stands for the rest (one snapshot per decision)."""
+        if now == self.asked_at:
+            return self.was_fresh
+        self.asked_at = now
         mm = self.mm
         if mm is None:
             if now < self.next_open or not self._open(now):
