@@ -1,22 +1,16 @@
 """gunicorn settings for gproxy, taken from the gproxy YAML config.
 
 Runs in the arbiter and again on every HUP, so it stays light: it imports
-only gproxy.config (PyYAML) and never requests, urllib3, ssl or gevent,
+gproxy.lifecycle, gproxy.config (PyYAML) and gproxy.logs, never requests, urllib3, ssl or gevent,
 which must be imported after the gevent worker has monkey-patched
 (benoitc/gunicorn#2796). No preload for the same reason.
 """
 
-import sys
-
-from gproxy import config as _config
+from gproxy import lifecycle as _lifecycle
 from gproxy import logs as _logs
-from gproxy.errors import ConfigError
 
-try:
-    _cfg = _config.load()
-except ConfigError as _e:
-    print(f"gproxy: {_e}", file=sys.stderr)
-    sys.exit(1)
+# A bad file exits at start; on HUP it keeps the last good config (logged).
+_cfg = _lifecycle.load_config()
 
 bind = list(_cfg.listen)
 workers = _cfg.workers
@@ -50,3 +44,17 @@ def pre_request(worker, req):
     # Hand the raw header list (repeated fields kept, in order) to the app:
     # the WSGI environ joins repeated fields into one.
     req.body.gproxy_headers = req.headers
+
+
+# The supervisor (health checks, shared health table, admin endpoint):
+# started when the arbiter is ready, HUP'd with it, stopped with it.
+def when_ready(server):
+    _lifecycle.when_ready(server)
+
+
+def on_reload(server):
+    _lifecycle.on_reload(server)
+
+
+def on_exit(server):
+    _lifecycle.on_exit(server)

@@ -77,6 +77,40 @@ class Pool:
 class Passive:
     max_fails: int = 1              # nginx default
     fail_timeout: float = 10.0      # nginx default
+    # Response statuses that count as a failure; nginx counts none unless
+    # listed (proxy_next_upstream http_502 ...). Connect errors and timeouts
+    # always count.
+    fail_status: frozenset = frozenset()
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """Active checks, HAProxy ``option httpchk`` semantics."""
+    path: str = "/"                 # HAProxy httpchk default: OPTIONS /; we GET
+    interval: float = 2.0           # HAProxy inter 2000ms
+    timeout: float | None = None    # None: the interval (HAProxy: timeout check defaults to inter)
+    rise: int = 2                   # HAProxy default
+    fall: int = 3                   # HAProxy default
+    expect: tuple = (200, 399)      # HAProxy: 2xx and 3xx pass
+    host: str | None = None         # Host header; default: the backend's host:port
+
+    @property
+    def check_timeout(self):
+        return self.timeout if self.timeout is not None else self.interval
+
+
+@dataclass(frozen=True)
+class Admin:
+    listen: str = "127.0.0.1:9901"  # Envoy's admin port; loopback only
+    allow: tuple = ()               # client CIDRs besides loopback (default: loopback only)
+
+
+@dataclass(frozen=True)
+class Supervisor:
+    # After this long without a heartbeat in the health table, workers treat
+    # every backend as available (fail open). A killed supervisor is back in
+    # about a second, so 5 s is several restarts of margin.
+    stale_after: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +130,7 @@ class Upstream:
     pool: Pool = field(default_factory=Pool)
     passive: Passive = field(default_factory=Passive)
     preserve_host: bool = True      # HAProxy; nginx rewrites to $proxy_host
+    health_check: HealthCheck | None = None     # off unless configured (HAProxy: no "check")
 
 
 @dataclass(frozen=True)
@@ -200,6 +235,9 @@ class Config:
     routes: tuple = ()
     forward_proxy: ForwardProxy = field(default_factory=ForwardProxy)
     tunnel: Tunnel = field(default_factory=Tunnel)
+    admin: Admin = field(default_factory=Admin)
+    supervisor: Supervisor = field(default_factory=Supervisor)
+    runtime_dir: str | None = None          # None: $XDG_RUNTIME_DIR, else /dev/shm, else /tmp
 
 
 # --- YAML with line numbers -----------------------------------------------
@@ -341,6 +379,13 @@ def listen_address(doc, value, path):
     return value
 
 
+def tcp_address(doc, value, path):
+    value = listen_address(doc, value, path)
+    if value.startswith("unix:"):
+        doc.fail(path, f"expected host:port, got {value!r}")
+    return value
+
+
 def cidr(doc, value, path):
     try:
         return ipaddress.ip_network(string(doc, value, path), strict=False)
@@ -426,7 +471,9 @@ def upstream(doc, name, raw, path):
         "pool": lambda d, v, p: Pool(**fields(d, v, p, {
             "max_idle_per_backend": integer(1, 10000), "idle_timeout": duration})),
         "passive": lambda d, v, p: Passive(**fields(d, v, p, {
-            "max_fails": integer(0, 1000), "fail_timeout": duration})),
+            "max_fails": integer(0, 1000), "fail_timeout": duration,
+            "fail_status": lambda d2, v2, p2: frozenset(list_of(integer(500, 599))(d2, v2, p2))})),
+        "health_check": health_check,
         "preserve_host": boolean,
     }
     kw = fields(doc, raw, path, spec)
@@ -441,6 +488,40 @@ def upstream(doc, name, raw, path):
     if kw.get("balance") == "consistent_hash" and "hash_key" not in kw:
         doc.fail(f"{path}.balance", "consistent_hash needs a hash_key")
     return Upstream(name=name, **kw)
+
+
+def status_range(doc, value, path):
+    """``200-399``, ``200`` or an integer: an inclusive range of statuses."""
+    text = str(value).strip()
+    low, sep, high = text.partition("-")
+    try:
+        lo = int(low)
+        hi = int(high) if sep else lo
+    except ValueError:
+        doc.fail(path, f"expected a status or a range like 200-399, got {value!r}")
+    if not 100 <= lo <= hi <= 599:
+        doc.fail(path, f"expected statuses between 100 and 599, low first, got {value!r}")
+    return (lo, hi)
+
+
+def health_check(doc, value, path):
+    def check_path(d, v, p):
+        v = string(d, v, p)
+        if not v.startswith("/"):
+            d.fail(p, f"must start with '/', got {v!r}")
+        return v
+
+    def positive(d, v, p):
+        v = duration(d, v, p)
+        if v <= 0:
+            d.fail(p, "must be more than 0")
+        return v
+
+    kw = fields(doc, value, path, {
+        "path": check_path, "interval": positive, "timeout": positive,
+        "rise": integer(1, 100), "fall": integer(1, 100), "expect": status_range,
+        "host": string})
+    return HealthCheck(**kw)
 
 
 _HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d+)?$")
@@ -586,6 +667,10 @@ TOP = {
     "statsd": lambda d, v, p: StatsD(**fields(d, v, p, {
         "enabled": boolean, "host": string, "port": integer(1, 65535), "prefix": metric_prefix,
         "max_udp_size": integer(64, 65507), "gunicorn": boolean})),
+    "admin": lambda d, v, p: Admin(**fields(d, v, p, {
+        "listen": tcp_address, "allow": list_of(cidr)})),
+    "supervisor": lambda d, v, p: Supervisor(**fields(d, v, p, {"stale_after": duration})),
+    "runtime_dir": string,
 }
 
 

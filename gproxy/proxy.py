@@ -34,7 +34,7 @@ class UpstreamState:
     """One upstream inside one worker: its backends, policy, in-flight counts
     and (created lazily, so after fork) its Transport."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, shared=None):
         self.cfg = cfg
         self.name = cfg.name
         self.backends = cfg.backends
@@ -42,6 +42,10 @@ class UpstreamState:
         self.policy = make_policy(cfg, self.inflight)
         self.passive = PassiveHealth(len(cfg.backends), cfg.passive.max_fails,
                                      cfg.passive.fail_timeout)
+        # The supervisor's view (active checks, passive failures of every
+        # worker, drains) and where to report failures; None without one.
+        self.shared = shared.view(cfg.name, [b.name for b in cfg.backends]) if shared else None
+        self.reporter = shared.reporter if shared else None
         self._transport = None
 
     @property
@@ -51,7 +55,9 @@ class UpstreamState:
         return self._transport
 
     def available(self, i, now):
-        return self.passive.usable(i, now)
+        """Healthy (active), not ejected (passive: here or in any worker) and
+        not drained."""
+        return self.passive.usable(i, now) and (self.shared is None or self.shared.usable(i, now))
 
     def choose(self, key, tried):
         now = time.monotonic()
@@ -60,8 +66,11 @@ class UpstreamState:
             self.passive.chosen(i, now)
         return i
 
-    def failed(self, i):
+    def failed(self, i, kind="error"):
+        # Eject here at once (nginx rules); tell the supervisor without waiting.
         self.passive.failure(i, time.monotonic())
+        if self.reporter is not None:
+            self.reporter.report(self.name, self.backends[i].name, kind)
 
     def succeeded(self, i):
         self.passive.success(i, time.monotonic())
@@ -115,10 +124,10 @@ class Exchange:
 
 
 class ProxyApp:
-    def __init__(self, config):
+    def __init__(self, config, shared=None):
         self.config = config
         self.router = Router(config.routes)
-        self.upstreams = {name: UpstreamState(u) for name, u in config.upstreams.items()}
+        self.upstreams = {name: UpstreamState(u, shared) for name, u in config.upstreams.items()}
         self.trusted = tuple(config.trusted_proxies)
         self.format_access = accesslog.setup(config.access_log)
         self._trust_cache = {}
@@ -244,7 +253,7 @@ class ProxyApp:
                 ex.upstream_time = time.monotonic() - t0
                 if not e.backend_fault:
                     raise
-                up.failed(i)
+                up.failed(i, e.kind)
                 self.upstream_failed(ex, e, ex.upstream_time)
                 last = e
                 if not ((e.never_sent and not (body and body.started)) or replayable):
@@ -253,6 +262,8 @@ class ProxyApp:
             ex.upstream_time = time.monotonic() - t0
             ex.upstream_start, ex.connect_time = t0, resp.connect_time
             resp.index = i
+            if resp.status in up.cfg.passive.fail_status:
+                up.failed(i, f"status_{resp.status}")   # counted, still relayed (no retry)
             return resp
         raise last or errors.NoBackend(f"no available backend in upstream {up.name}")
 
@@ -336,7 +347,7 @@ class Streamer:
                 ex.bytes_out += len(piece)
                 yield piece
         except errors.ProxyError as e:
-            self.up.failed(self.resp.index)
+            self.up.failed(self.resp.index, e.kind)
             self.app.upstream_failed(ex, e, time.time() - ex.start)
             # Never complete a broken response (nginx closes the connection).
             # An OSError makes gunicorn close the socket without the final

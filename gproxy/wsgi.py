@@ -8,7 +8,7 @@ handlers created here belong to this worker alone.
 import logging
 import sys
 
-from . import __version__, config, logs, proxy
+from . import __version__, config, lifecycle, logs, proxy
 
 
 def _setup_error_log():
@@ -33,6 +33,8 @@ def _name_server():
 
 _setup_error_log()
 _name_server()
-_config = config.load()
+# The arbiter's last good config (inherited at fork), so a HUP with a broken
+# file keeps serving the old one; the file when run without gunicorn.conf.py.
+_config = lifecycle.CONFIG or config.load()
 logs.setup(_config.error_log)
-application = proxy.ProxyApp(_config)
+application = proxy.ProxyApp(_config, lifecycle.worker_health(_config))

@@ -354,3 +354,88 @@ def raw_request(port, data, timeout=10, read_until_close=True):
         except socket.timeout:
             pass
         return out
+
+
+# --- processes and sockets of a running gproxy (supervisor tests) -------------------
+
+def children(pid):
+    """Child pids of every thread of ``pid`` (a child forked by a thread is
+    listed under that thread only)."""
+    out = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def alive(pid):
+    """True while the process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def supervisor_pid(g):
+    """The pid of the gproxy supervisor under this gproxy's arbiter, or None."""
+    for pid in children(g.proc.pid):
+        if "gproxy.supervisor" in cmdline(pid) and alive(pid):
+            return pid
+    return None
+
+
+def _tcp_inode(local_port, remote_port):
+    want_local, want_rem = f"0100007F:{local_port:04X}", f"0100007F:{remote_port:04X}"
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            parts = line.split()
+            if parts[1] == want_local and parts[2] == want_rem:
+                return parts[9]
+    return None
+
+
+def worker_of(g, sock):
+    """The pid of the gproxy worker holding the other end of the client
+    socket ``sock`` (still open), found through /proc."""
+    inode = _tcp_inode(g.port, sock.getsockname()[1])
+    if inode is None:
+        return None
+    target = f"socket:[{inode}]"
+    for pid in g.worker_pids():
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def local_non_loopback_ipv4():
+    """An IPv4 address of this host outside 127/8 (None when there is none)."""
+    found, prev = [], None
+    with open("/proc/net/fib_trie") as f:
+        for line in f:
+            parts = line.split()
+            if "/32 host LOCAL" in line and prev and not prev.startswith("127."):
+                found.append(prev)
+            if len(parts) >= 2 and parts[0] in ("|--", "+--"):
+                prev = parts[1]
+    return found[0] if found else None

@@ -83,7 +83,11 @@ def test_scripted_requests_send_exact_metrics(gproxy, backends, listener):
     gone = sorted(k for k in errors if k.startswith(p + "upstream.gone.backend."))
     assert len(gone) == 4, errors          # two backends x (errors.connect_error, ejected)
     assert all(errors[k] == 1 for k in dead_pair + gone), errors
-    rest = {k: v for k, v in counters.items() if k not in dead_pair + gone}
+    # the supervisor's view of the same failures: only the dead backends go down
+    health = {k: v for k, v in counters.items() if ".health." in k}
+    assert all(k.endswith(".health.down") for k in health), health
+    assert not any(f"127_0_0_1_{b.port}" in k for k in health for b in (live, pair_live)), health
+    rest = {k: v for k, v in counters.items() if k not in dead_pair + gone and k not in health}
     assert rest == {
         p + "server.responses.2xx": 3, p + "server.responses.4xx": 1, p + "server.responses.5xx": 3,
         p + "route.main_v1.requests.2xx": 2, p + "route.main_v1.requests.4xx": 1,
@@ -116,7 +120,14 @@ def test_scripted_requests_send_exact_metrics(gproxy, backends, listener):
     assert all(v >= 0 for vs in t.values() for v in vs)
     assert t[p + "upstream.web_pool.ttfb"][0] <= t[p + "upstream.web_pool.total"][0]
     assert max(t[p + "route.main_v1.duration"]) >= 300, "the 504 waited 300 ms"
+    wait_until(lambda: p + "upstream.web_pool.backends.available" in listener.gauges(p), 10,
+               "the supervisor's gauge of available backends")
     gauges = listener.gauges(p)
+    # the supervisor's absolute gauges of available backends per upstream
+    available = {k: v for k, v in gauges.items() if k.endswith(".backends.available")}
+    assert set(available) <= {p + f"upstream.{u}.backends.available" for u in ("web_pool", "pair", "gone")}
+    assert available[p + "upstream.web_pool.backends.available"][-1] == "1"
+    gauges = {k: v for k, v in gauges.items() if k not in available}
     assert sorted(gauges) == [p + "server.connections.active"]
     active = gauges[p + "server.connections.active"]
     assert sorted(active) == ["+1"] * 7 + ["-1"] * 7, active

@@ -1,0 +1,201 @@
+"""The admin endpoint, served by the supervisor (plain stdlib HTTP, a thread
+per request; the supervisor is not a gevent process).
+
+    GET  /status                                     JSON: config, upstreams, backends
+    GET  /healthz                                    200 "ok" while the table is being published
+    POST /upstreams/<upstream>/backends/<backend>/drain    no new requests from any worker
+    POST /upstreams/<upstream>/backends/<backend>/enable   back in rotation
+
+<backend> is the backend's ``host:port`` as in /status. Unknown names get 404
+with a message; a client outside loopback and ``admin.allow`` gets 403.
+"""
+
+import ipaddress
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
+
+from . import __version__
+
+log = logging.getLogger("gproxy.error")
+
+ACTIONS = {"drain": True, "enable": False}      # action -> drained
+
+
+def client_allowed(addr, allow):
+    """Loopback always; others only inside one of the ``allow`` networks."""
+    try:
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or any(ip in net for net in allow)
+
+
+class AdminServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True      # a restarted supervisor rebinds at once
+
+    def __init__(self, admin_cfg, supervisor):
+        host, _, port = admin_cfg.listen.rpartition(":")
+        host = host.strip("[]")
+        if ":" in host:
+            import socket
+            self.address_family = socket.AF_INET6
+        self.supervisor = supervisor
+        self.allow = admin_cfg.allow
+        super().__init__((host, int(port)), AdminHandler)
+
+    def start(self):
+        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},
+                         name="admin", daemon=True).start()
+
+    def close(self):
+        self.shutdown()
+        self.server_close()
+
+
+class AdminHandler(BaseHTTPRequestHandler):
+    server_version = f"gproxy-admin/{__version__}"
+    sys_version = ""
+
+    def do_GET(self):
+        if not self.admitted():
+            return
+        path = self.path.split("?", 1)[0]
+        if path == "/status":
+            self.reply(200, status(self.server.supervisor))
+        elif path == "/healthz":
+            self.healthz()
+        elif self.action(path) is not None:
+            self.reply(405, {"error": "use POST for actions"}, [("Allow", "POST")])
+        else:
+            self.reply(404, {"error": f"no admin resource {path}; see /status"})
+
+    def do_POST(self):
+        if not self.admitted():
+            return
+        self.discard_body()
+        found = self.action(self.path.split("?", 1)[0])
+        if found is None:
+            self.reply(404 if not self.path.startswith(("/status", "/healthz")) else 405,
+                       {"error": f"no admin action {self.path}; expected "
+                                 "/upstreams/<upstream>/backends/<backend>/drain or /enable"})
+            return
+        upstream, backend, verb = found
+        sup = self.server.supervisor
+        with sup.lock:
+            missing = unknown(sup, upstream, backend)
+            if missing:
+                self.reply(404, {"error": missing})
+                return
+            sup.set_drained(upstream, backend, ACTIONS[verb])
+            body = backend_status(sup, upstream, backend, time.monotonic())
+        log.warning("admin: %s %s backend %s of upstream %s", self.client_address[0],
+                    "drained" if ACTIONS[verb] else "enabled", backend, upstream)
+        self.reply(200, body)
+
+    # -- helpers -------------------------------------------------------------------
+
+    def admitted(self):
+        if client_allowed(self.client_address[0], self.server.allow):
+            return True
+        self.reply(403, {"error": f"client {self.client_address[0]} is not allowed "
+                                  "(loopback only unless admin.allow lists it)"})
+        return False
+
+    def action(self, path):
+        parts = path.strip("/").split("/")
+        if len(parts) == 5 and parts[0] == "upstreams" and parts[2] == "backends" and parts[4] in ACTIONS:
+            return unquote(parts[1]), unquote(parts[3]), parts[4]
+        return None
+
+    def healthz(self):
+        sup = self.server.supervisor
+        age = time.monotonic() - sup.table_heartbeat()
+        if age <= 2.0:
+            self.reply(200, "ok\n")
+        else:
+            self.reply(503, f"health table not published for {age:.1f}s\n")
+
+    def discard_body(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        if 0 < n <= 65536:
+            self.rfile.read(n)
+
+    def reply(self, code, body, extra=()):
+        if isinstance(body, str):
+            data, ctype = body.encode(), "text/plain; charset=utf-8"
+        else:
+            data, ctype = (json.dumps(body, indent=2) + "\n").encode(), "application/json"
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        for k, v in extra:
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def log_message(self, fmt, *args):
+        log.debug("admin: %s %s", self.client_address[0], fmt % args)
+
+
+def unknown(sup, upstream, backend):
+    """The 404 message for an unknown upstream or backend, else None."""
+    cfg = sup.cfg
+    if upstream not in cfg.upstreams:
+        return f"no upstream named {upstream!r} (known: {', '.join(sorted(cfg.upstreams)) or 'none'})"
+    names = [b.name for b in cfg.upstreams[upstream].backends]
+    if backend not in names:
+        return f"upstream {upstream!r} has no backend {backend!r} (known: {', '.join(names)})"
+    return None
+
+
+def _iso(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def status(sup):
+    with sup.lock:
+        now = time.monotonic()
+        cfg = sup.cfg
+        ups = {}
+        for name, up in cfg.upstreams.items():
+            backends = [backend_status(sup, name, b.name, now) for b in up.backends]
+            ups[name] = {"available": sum(b["available"] for b in backends),
+                         "total": len(backends), "balance": up.balance, "backends": backends}
+        return {
+            "version": __version__, "pid": sup.pid(), "arbiter_pid": sup.arbiter_pid,
+            "started": _iso(sup.started), "started_unix": round(sup.started, 3),
+            "config": {"file": cfg.source, "sha256": sup.digest, "loaded": _iso(sup.loaded_at),
+                       "reload_error": sup.reload_error},
+            "runtime_dir": sup.runtime_dir,
+            "table": {"path": sup.table.path, "version": sup.table.version, "sequence": sup.table.seq},
+            "upstreams": ups,
+        }
+
+
+def backend_status(sup, upstream, backend, now):
+    bh = sup.backends[(upstream, backend)]
+    state = bh.state(now)
+    a, p = bh.active, bh.passive
+    return {
+        "name": backend, "url": bh.backend.url, "weight": bh.backend.weight,
+        "state": state, "available": state == "up", "reason": bh.reason(now), "drained": bh.drained,
+        "active": None if a is None else {
+            "up": a.up, "rise": a.rise, "fall": a.fall,
+            "consecutive_successes": a.successes, "consecutive_failures": a.failures,
+            "last_check": bh.last_check,
+        },
+        "passive": {
+            "ejected": p.ejected(now), "ejected_for_s": round(max(0.0, p.ejected_until - now), 3),
+            "recent_failures": p.failures_in_window(now), "max_fails": p.max_fails,
+            "fail_timeout_s": p.fail_timeout,
+        },
+    }
