@@ -19,7 +19,10 @@ except ConfigError as _e:
 
 bind = list(_cfg.listen)
 workers = _cfg.workers
-worker_class = "gevent"
+# gevent_pywsgi: gunicorn's pywsgi worker with the raw request headers handed
+# on (gproxy/pywsgi_worker.py); imported here only by name.
+worker_class = {"gevent": "gevent",
+                "gevent_pywsgi": "gproxy.pywsgi_worker.Worker"}[_cfg.worker_class]
 worker_connections = _cfg.worker_connections
 keepalive = int(_cfg.keepalive_timeout)
 graceful_timeout = int(_cfg.graceful_timeout)

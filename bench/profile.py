@@ -43,9 +43,17 @@ CATEGORIES = [
 ]
 
 
+# Socket calls count for whoever made them (the transport or the server).
+TRANSPARENT = ("gevent/_socketcommon.py", "gevent/_socket3.py", "/socket.py", "SocketIO.")
+SYSCALL_LEAVES = ("SocketMixin.send ", "SocketMixin.recv ", "SocketMixin.recv_into ",
+                  "Conn.alive ", "SocketMixin.getsockopt ", "SocketMixin.setsockopt ")
+
+
 def category(stack):
     frames = stack.split(";")
     for frame in reversed(frames):
+        if any(t in frame for t in TRANSPARENT):
+            continue
         for name, pats in CATEGORIES:
             if any(p in frame for p in pats):
                 return name
@@ -78,22 +86,27 @@ def main():
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
             bench.STARTED.append(spies[-1][1])
         r = bench.measured(g, g.port, "/1k", 50, args.seconds, workdir)
-        counts = collections.Counter()
+        counts, syscalls = collections.Counter(), collections.Counter()
         for out, sp in spies:
             sp.wait(args.seconds + 60)
             with open(out) as f:
                 for line in f:
                     stack, _, n = line.rstrip().rpartition(" ")
-                    counts[category(stack)] += int(n)
+                    cat = category(stack)
+                    counts[cat] += int(n)
+                    if any(stack.rsplit(";", 1)[-1].startswith(x) for x in SYSCALL_LEAVES):
+                        syscalls[cat] += int(n)
     finally:
         bench.stop_all()
     total = sum(counts.values()) or 1
     print(f"{args.proxy}: {r['rps']:,.0f} req/s, {r['cpu_us_per_req']:.0f} us CPU per request "
           f"(workers and arbiter), {total} samples\n")
-    print("| part of the request path | share of samples | us per request |")
-    print("|---|---|---|")
+    us = r["cpu_us_per_req"] / total
+    print(f"user {r['utime_s']:.2f} s, system {r['stime_s']:.2f} s of CPU\n")
+    print("| part of the request path | share of samples | us per request | of which in socket calls (us) |")
+    print("|---|---|---|---|")
     for name, n in counts.most_common():
-        print(f"| {name} | {100 * n / total:.1f}% | {r['cpu_us_per_req'] * n / total:.0f} |")
+        print(f"| {name} | {100 * n / total:.1f}% | {n * us:.0f} | {syscalls[name] * us:.0f} |")
     print(f"\nraw py-spy output kept in {workdir}")
 
 

@@ -96,16 +96,17 @@ def tree(pid):
 
 
 def cpu_ticks(pids):
-    """utime + stime of the given processes, in clock ticks."""
-    total = 0
+    """(utime, stime) of the given processes, in clock ticks."""
+    user = system = 0
     for pid in pids:
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            user += int(fields[11])
+            system += int(fields[12])
         except OSError:
             pass
-    return total
+    return user, system
 
 
 def rss_kib(pids):
@@ -365,9 +366,11 @@ def measured(server, port, path, conns, seconds, workdir):
     pids = server.pids()
     sampler = RssPeak(server.proc.pid)
     sampler.start()
-    t0 = cpu_ticks(pids)
+    u0, s0 = cpu_ticks(pids)
     r = wrk(port, path, conns, seconds, workdir)
-    r["cpu_s"] = (cpu_ticks(pids) - t0) / CLK_TCK
+    u1, s1 = cpu_ticks(pids)
+    r["utime_s"], r["stime_s"] = (u1 - u0) / CLK_TCK, (s1 - s0) / CLK_TCK
+    r["cpu_s"] = r["utime_s"] + r["stime_s"]
     r["cpu_us_per_req"] = r["cpu_s"] * 1e6 / max(r["requests"], 1)
     r["rss_start_kib"], r["rss_peak_kib"] = sampler.stop()
     return r
@@ -519,6 +522,7 @@ def summarise(raw, names):
             "p50_ms": med(r["small"], "p50_us") / 1000,
             "p99_ms": med(r["small"], "p99_us") / 1000,
             "cpu_us_per_req": med(r["small"], "cpu_us_per_req"),
+            "cpu_user_share": med(r["small"], "utime_s") / max(med(r["small"], "cpu_s"), 1e-9),
             "errors_small": sum(x["errors"] for x in r["small"]),
             "added_p50_us": med(r["lat1"], "p50_us") - direct_p50,
             "added_p99_us": med(r["lat1"], "p99_us") - med(raw["direct"]["lat1"], "p99_us"),
@@ -539,6 +543,7 @@ ROWS = [
     ("1 KiB, 50 conns: p50 latency (ms)", "p50_ms", "{:.2f}", "down"),
     ("1 KiB, 50 conns: p99 latency (ms)", "p99_ms", "{:.2f}", "down"),
     ("proxy CPU per request (us)", "cpu_us_per_req", "{:.1f}", "down"),
+    ("  of which user space", "cpu_user_share", "{:.0%}", None),
     ("added latency at 1 conn, p50 (us)", "added_p50_us", "{:.0f}", "down"),
     ("added latency at 1 conn, p99 (us)", "added_p99_us", "{:.0f}", "down"),
     ("10 MiB bodies, 4 conns: MiB/s", "big_mib_s", "{:,.0f}", "up"),
@@ -562,7 +567,7 @@ def table(result):
     gps = [n for n in names if n.startswith("gproxy")]
     head = names + [f"{g} / nginx" for g in gps if "nginx" in names]
     lines = ["| figure | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
-    for label, key, fmt, _ in ROWS:
+    for label, key, fmt, direction in ROWS:
         row = []
         for n in names:
             s = summary[n]
@@ -574,6 +579,9 @@ def table(result):
                 row.append(cell(s, key, fmt))
         for g in gps:
             if "nginx" not in names:
+                continue
+            if direction is None:
+                row.append("")
                 continue
             a, b = summary[g].get(key) if key else None, summary["nginx"].get(key) if key else None
             row.append(f"{a / b:.2f}x" if a is not None and b not in (None, 0) and b > 0 else "")

@@ -28,6 +28,7 @@ except AttributeError:  # PyYAML built without libyaml
 BALANCE_POLICIES = ("round_robin", "least_conn", "random", "consistent_hash")
 HASH_KEY_KINDS = ("header", "cookie", "client_ip", "path", "uri")
 LOG_FORMATS = ("json", "combined", "off")
+WORKER_CLASSES = ("gevent", "gevent_pywsgi")
 
 DEFAULT_YAML = """\
 # gproxy built-in default: listen on loopback; with no routes every
@@ -116,6 +117,7 @@ class Config:
     listen: tuple = ("127.0.0.1:8080",)
     workers: int = 2
     worker_connections: int = 1000          # gunicorn default
+    worker_class: str = "gevent"            # gunicorn's gevent worker (see bench/README.md)
     keepalive_timeout: float = 75.0         # nginx keepalive_timeout
     graceful_timeout: float = 30.0          # gunicorn default
     trusted_proxies: tuple = ()             # believe no X-Forwarded-* by default
@@ -414,6 +416,7 @@ TOP = {
     "listen": list_of(listen_address),
     "workers": integer(1, 256),
     "worker_connections": integer(1, 100000),
+    "worker_class": one_of(WORKER_CLASSES),
     "keepalive_timeout": duration,
     "graceful_timeout": duration,
     "trusted_proxies": list_of(cidr),

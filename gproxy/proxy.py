@@ -164,7 +164,7 @@ class ProxyApp:
     def upstream_headers(self, environ, ex, up):
         """The request fields for the backend, Host first (``forward`` may
         replace it), then the client's in order, then the forwarding ones."""
-        raw = getattr(environ["wsgi.input"], "gproxy_headers", None)
+        raw = environ.get("gproxy.headers") or getattr(environ["wsgi.input"], "gproxy_headers", None)
         if raw is not None:
             fields = [(H.title(n), v) for n, v in raw]
         else:
@@ -352,6 +352,15 @@ def _chunked_pieces(wsgi_input):
             if piece:
                 yield piece
         return
+    if hasattr(wsgi_input, "chunk_length"):
+        # gevent.pywsgi.Input: read(n) would also wait for n bytes; ask for
+        # the rest of the current chunk (1 byte at a chunk boundary).
+        while True:
+            left = wsgi_input.chunk_length - wsgi_input.position
+            piece = wsgi_input.read(min(left, CHUNK) if left > 0 else 1)
+            if not piece:
+                return
+            yield piece
     while True:
         piece = wsgi_input.read(CHUNK)
         if not piece:
