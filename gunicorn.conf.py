@@ -14,7 +14,10 @@ _cfg = _lifecycle.load_config()
 
 bind = list(_cfg.listen)
 workers = _cfg.workers
-worker_class = "gevent"
+# gevent_pywsgi: gunicorn's pywsgi worker with the raw request headers handed
+# on (gproxy/pywsgi_worker.py); imported here only by name.
+worker_class = {"gevent": "gevent",
+                "gevent_pywsgi": "gproxy.pywsgi_worker.Worker"}[_cfg.worker_class]
 worker_connections = _cfg.worker_connections
 keepalive = int(_cfg.keepalive_timeout)
 graceful_timeout = int(_cfg.graceful_timeout)

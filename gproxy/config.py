@@ -30,6 +30,7 @@ HASH_KEY_KINDS = ("header", "cookie", "client_ip", "path", "uri")
 LOG_FORMATS = ("json", "combined", "off")
 ERROR_LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")    # gunicorn's
+WORKER_CLASSES = ("gevent", "gevent_pywsgi")
 
 DEFAULT_YAML = """\
 # gproxy built-in default: a forward proxy on loopback for local clients
@@ -225,6 +226,7 @@ class Config:
     listen: tuple = ("127.0.0.1:8080",)
     workers: int = 2
     worker_connections: int = 1000          # gunicorn default
+    worker_class: str = "gevent"            # gunicorn's gevent worker (see bench/README.md)
     keepalive_timeout: float = 75.0         # nginx keepalive_timeout
     graceful_timeout: float = 30.0          # gunicorn default
     trusted_proxies: tuple = ()             # believe no X-Forwarded-* by default
@@ -655,6 +657,7 @@ TOP = {
     "listen": list_of(listen_address),
     "workers": integer(1, 256),
     "worker_connections": integer(1, 100000),
+    "worker_class": one_of(WORKER_CLASSES),
     "keepalive_timeout": duration,
     "graceful_timeout": duration,
     "trusted_proxies": list_of(cidr),
@@ -691,7 +694,12 @@ def parse(text, source="<string>"):
         doc.fail("routes", f"expected a list, got {type(routes).__name__}")
     kw["routes"] = tuple(route(doc, r, f"routes[{i}]", i, kw["upstreams"])
                          for i, r in enumerate(routes))
-    return Config(source=source, **kw)
+    cfg = Config(source=source, **kw)
+    if cfg.worker_class == "gevent_pywsgi" and (cfg.forward_proxy.enabled or cfg.tunnel.upgrade_protocols):
+        # pywsgi has no way to hand a connection over (gunicorn's ALREADY_HANDLED)
+        doc.fail("worker_class", "gevent_pywsgi cannot carry CONNECT or WebSocket tunnels: "
+                 "disable forward_proxy and set tunnel.upgrade_protocols: [] to use it")
+    return cfg
 
 
 def load(path=None):

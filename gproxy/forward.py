@@ -16,7 +16,6 @@ import logging
 import socket
 import time
 
-from urllib3 import HTTPHeaderDict
 
 from . import acl, config as C, errors, headers as H, proxy, tunnel
 from .transport import Transport
@@ -154,20 +153,18 @@ class ForwardProxy:
         raise last
 
     def request_headers(self, environ, ex, dest):
+        """The request fields for the origin, a list of (name, value) pairs."""
         raw = getattr(environ["wsgi.input"], "gproxy_headers", None)
         fields = [(H.title(n), v) for n, v in raw] if raw is not None \
             else proxy._environ_fields(environ)
-        out = HTTPHeaderDict()
-        for name, value in H.strip_hop_by_hop(fields, REQUEST_DROP):
-            if name != "Host":
-                out.add(name, value)
         # RFC 9112 3.2.2: a proxy replaces Host with the target's authority.
-        out["Host"] = dest.authority
+        out = [("Host", dest.authority)]
+        out += [(n, v) for n, v in H.strip_hop_by_hop(fields, REQUEST_DROP) if n != "Host"]
         if self.cfg.via:
-            out.add("Via", f"{_version(ex)} {self.via_name}")
+            out.append(("Via", f"{_version(ex)} {self.via_name}"))
         if self.cfg.x_forwarded_for:
-            out["X-Forwarded-For"] = H.forwarded_for(environ.get("HTTP_X_FORWARDED_FOR"),
-                                                     ex.client, True)
+            out.append(("X-Forwarded-For", H.forwarded_for(environ.get("HTTP_X_FORWARDED_FOR"),
+                                                          ex.client, True)))
         return out
 
     # -- CONNECT --------------------------------------------------------------

@@ -15,8 +15,6 @@ import os
 import sys
 import time
 
-from urllib3 import HTTPHeaderDict
-
 from . import accesslog, errors, forward as _forward, headers as H, stats, upgrade as _upgrade
 from .balancer import make_policy
 from .health import PassiveHealth
@@ -196,35 +194,38 @@ class ProxyApp:
         return ex.body
 
     def upstream_headers(self, environ, ex, up):
-        raw = getattr(environ["wsgi.input"], "gproxy_headers", None)
+        """The request fields for the backend, Host first (``forward`` may
+        replace it), then the client's in order, then the forwarding ones."""
+        raw = environ.get("gproxy.headers") or getattr(environ["wsgi.input"], "gproxy_headers", None)
         if raw is not None:
             fields = [(H.title(n), v) for n, v in raw]
         else:
             fields = _environ_fields(environ)
         fields = H.strip_hop_by_hop(fields, H.REQUEST_DROP)
-        out = HTTPHeaderDict()
-        peer = ex.client
-        trusted = self.is_trusted(peer)
         host = None
-        for name, value in fields:
-            if name == "Host":
-                host = value
+        out = [None]
+        for field in fields:
+            if field[0] == "Host":
+                host = field[1]
             else:
-                out.add(name, value)
+                out.append(field)
         if not up.cfg.preserve_host or host is None:
             host = None
-        out["Host"] = host if host is not None else _backend_host(up, 0)
+        out[0] = ("Host", host if host is not None else _backend_host(up, 0))
+        peer = ex.client
+        trusted = self.is_trusted(peer)
         incoming_xff = environ.get("HTTP_X_FORWARDED_FOR")
-        out["X-Forwarded-For"] = H.forwarded_for(incoming_xff, peer, trusted)
+        out.append(("X-Forwarded-For", H.forwarded_for(incoming_xff, peer, trusted)))
         if trusted:
             ex.client = H.client_address(incoming_xff, peer, self.is_trusted)
-        out["X-Forwarded-Proto"] = (trusted and environ.get("HTTP_X_FORWARDED_PROTO")) \
-            or environ.get("wsgi.url_scheme", "http")
-        out["X-Forwarded-Host"] = (trusted and environ.get("HTTP_X_FORWARDED_HOST")) or ex.host
+        out.append(("X-Forwarded-Proto", (trusted and environ.get("HTTP_X_FORWARDED_PROTO"))
+                    or environ.get("wsgi.url_scheme", "http")))
+        out.append(("X-Forwarded-Host", (trusted and environ.get("HTTP_X_FORWARDED_HOST")) or ex.host))
         rid = environ.get("HTTP_X_REQUEST_ID", "")
         if not (0 < len(rid) <= 128 and all(c in _TOKEN_OK for c in rid)):
             rid = os.urandom(12).hex()
-        ex.request_id = out["X-Request-Id"] = rid
+        ex.request_id = rid
+        out.append(("X-Request-Id", rid))
         return out
 
     def forward(self, ex, up, target, fields, body, key):
@@ -243,7 +244,7 @@ class ProxyApp:
             backend = up.backends[i]
             ex.backend, ex.retries = backend.name, attempt
             if not preserve:
-                fields["Host"] = _backend_host(up, i)
+                fields[0] = ("Host", _backend_host(up, i))
             up.inflight[i] += 1
             t0 = time.monotonic()
             try:
@@ -395,6 +396,15 @@ def _chunked_pieces(wsgi_input):
             if piece:
                 yield piece
         return
+    if hasattr(wsgi_input, "chunk_length"):
+        # gevent.pywsgi.Input: read(n) would also wait for n bytes; ask for
+        # the rest of the current chunk (1 byte at a chunk boundary).
+        while True:
+            left = wsgi_input.chunk_length - wsgi_input.position
+            piece = wsgi_input.read(min(left, CHUNK) if left > 0 else 1)
+            if not piece:
+                return
+            yield piece
     while True:
         piece = wsgi_input.read(CHUNK)
         if not piece:

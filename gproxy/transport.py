@@ -24,18 +24,20 @@ import http.client
 import logging
 import socket
 import time
+from collections import OrderedDict
 from http.cookiejar import DefaultCookiePolicy
 
 import requests
 import urllib3
-from requests.adapters import HTTPAdapter
+from requests.adapters import BaseAdapter, HTTPAdapter
 from urllib3.exceptions import (
     ConnectTimeoutError, IncompleteRead, InvalidChunkLength, NewConnectionError,
     ProtocolError, ReadTimeoutError,
 )
+from urllib3 import HTTPHeaderDict
 from urllib3.util import SKIP_HEADER
 
-from . import errors
+from . import errors, h1
 
 CHUNK = 65536   # 64 KiB reads: large enough for 1+ GiB/s on loopback
 
@@ -248,6 +250,170 @@ class ExactAdapter(HTTPAdapter):
         return raw
 
 
+class LeanResponse:
+    """An UpstreamResponse read by ``h1`` (same interface)."""
+
+    __slots__ = ("status", "reason", "headers", "completed", "index", "_conn", "_pool",
+                 "_mode", "_length", "_keep", "_idle", "_deadline", "connect_time")
+
+    def __init__(self, conn, pool, status, reason, fields, mode, length, keep, idle, deadline):
+        self.status, self.reason, self.headers = status, reason, fields
+        self._conn, self._pool = conn, pool
+        self._mode, self._length, self._keep = mode, length, keep
+        self._idle, self._deadline = idle, deadline
+        self.completed = mode == "none"
+        self.index = None
+        self.connect_time = conn.connect_time   # seconds, when this request opened the connection
+        conn.sock.settimeout(idle)          # between body reads, not total
+
+    def body(self):
+        """Yield the body as it arrives; raise a ProxyError if it breaks off."""
+        mode = self._mode
+        if mode == "none":
+            return
+        b = h1.Body(self._conn, CHUNK, self._check_deadline)
+        pieces = b.length(self._length) if mode == "length" else \
+            b.chunked() if mode == "chunked" else b.until_close()
+        try:
+            yield from pieces
+        except (socket.timeout, TimeoutError) as e:
+            raise errors.UpstreamTimeout(f"idle for more than {self._idle:g}s mid-body") from e
+        except (h1.Broken, OSError) as e:
+            raise errors.UpstreamReset(f"body broke off: {_describe(e)}") from e
+        self.completed = True
+
+    def _check_deadline(self):
+        if self._deadline is not None:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise errors.UpstreamTimeout("total timeout")
+            self._conn.sock.settimeout(min(self._idle, left))
+
+    def close(self):
+        """Give the connection back to the pool when the response was read
+        to its end, nothing follows it and the backend keeps it open."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self.completed and self._keep and not conn.buf:
+            self._pool.put(conn)
+        else:
+            conn.close()
+
+
+class LeanAdapter(BaseAdapter):
+    """A requests adapter for plain-http backends on ``h1`` connections:
+    what the proxy needs of HTTP/1.1 and nothing else (see ``h1``).
+    ``Transport.send`` calls ``exchange`` directly; ``Session.send`` and
+    ``build_response`` (cookie extraction, header dictionaries) are skipped."""
+
+    def __init__(self, pool, timeouts, max_pools=None):
+        super().__init__()
+        self.timeouts = timeouts
+        self.max_idle, self.idle_timeout = pool.max_idle_per_backend, pool.idle_timeout
+        self.pools = OrderedDict()      # backend name -> h1.Pool, least recently used first
+        self.max_pools = max_pools      # None: one per configured backend, never evicted
+
+    def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
+        """For ``Session.send`` of a request prepared as ``Transport.send``
+        does for ExactAdapter; returns a LeanResponse, not a requests.Response."""
+        t = self.timeouts
+        return self.exchange(request.backend, request.method, request.target,
+                             list(request.headers.items()), request.body, request.replayable,
+                             t, t.response_header, None)
+
+    def close(self):
+        for p in self.pools.values():
+            while p.idle:
+                p.idle.pop().close()
+
+    def pool(self, backend):
+        pools = self.pools
+        p = pools.get(backend.name)
+        if p is None:
+            p = pools[backend.name] = h1.Pool(backend.host, backend.port,
+                                              max(self.max_idle, 1), self.idle_timeout)
+            if self.max_pools is not None and len(pools) > self.max_pools:
+                _, old = pools.popitem(last=False)      # the least recently used
+                while old.idle:
+                    old.idle.pop().close()
+        elif self.max_pools is not None:
+            pools.move_to_end(backend.name)
+        return p
+
+    def exchange(self, backend, method, target, fields, body, replayable, t, header_wait, deadline):
+        pool = self.pool(backend)
+        chunked = body is not None and not any(n.lower() == "content-length" for n, _ in fields)
+        if body is None and method in h1.BODY_METHODS and \
+                not any(n.lower() == "content-length" for n, _ in fields):
+            fields = fields + [("Content-Length", "0")]
+        head = h1.request_head(method, target, fields, chunked)
+        for attempt in (1, 2):
+            # a replay after a dead pooled connection takes a new one: the
+            # next pooled one may have been closed by the backend too
+            conn = self._connect(pool, t.connect, fresh=attempt == 2)
+            try:
+                return self._roundtrip(conn, pool, head, method, body, chunked, header_wait,
+                                       t.idle, deadline)
+            except h1.Stale as e:
+                conn.close()
+                if body is not None and body.failed is not None:
+                    raise body.failed from e
+                if conn.reused and attempt == 1 and replayable and not (body and body.started):
+                    continue
+                raise errors.UpstreamReset(str(e)) from e
+            except BaseException:
+                conn.close()
+                raise
+
+    @staticmethod
+    def _connect(pool, timeout, fresh=False):
+        try:
+            return pool.get(timeout, fresh)
+        except h1.ConnectFailed as e:
+            cause = e.__cause__
+            if isinstance(cause, (socket.timeout, TimeoutError)):
+                raise errors.UpstreamConnectTimeout(f"connect: {_describe(cause)}") from e
+            raise errors.UpstreamConnectError(_describe(cause)) from e
+
+    @staticmethod
+    def _roundtrip(conn, pool, head, method, body, chunked, header_wait, idle, deadline):
+        sock = conn.sock
+        sock.settimeout(header_wait)
+        try:
+            if body is None:
+                sock.sendall(head)
+            else:
+                sock.sendall(head)
+                h1.send_body(sock, body, chunked)
+        except errors.ProxyError:
+            raise
+        except (BrokenPipeError, ConnectionResetError) as e:
+            # The backend stopped reading (it may have answered early, e.g.
+            # 413): read its response, as urllib3 does.
+            if body is not None and body.failed is not None:
+                raise body.failed from e
+            if body is None or not body.started:
+                raise h1.Stale(_describe(e)) from e
+        except (socket.timeout, TimeoutError) as e:
+            raise errors.UpstreamTimeout(f"sending the request: {_describe(e)}") from e
+        try:
+            status, reason, version, fields = h1.read_head(conn)
+            mode, length, keep = h1.framing(method, status, version, fields)
+        except (socket.timeout, TimeoutError) as e:
+            raise errors.UpstreamTimeout(f"no response header within {header_wait:g}s") from e
+        except h1.Invalid as e:
+            raise errors.InvalidResponse(str(e)) from e
+        except h1.Broken as e:
+            raise errors.UpstreamReset(str(e)) from e
+        except h1.Stale:
+            raise
+        except OSError as e:
+            raise errors.UpstreamReset(_describe(e)) from e
+        return LeanResponse(conn, pool, status, reason or http.client.responses.get(status, ""),
+                            fields, mode, length, keep, idle, deadline)
+
+
 class Transport:
     """Pooled keep-alive connections to the backends of one upstream."""
 
@@ -264,20 +430,25 @@ class Transport:
                                pool_maxsize=max(upstream.pool.max_idle_per_backend, 1),
                                pool_block=False, max_retries=0)
         adapter.idle_timeout = upstream.pool.idle_timeout
-        s.mount("http://", adapter)
         s.mount("https://", adapter)
+        s.mount("http://", LeanAdapter(upstream.pool, upstream.timeouts, pools))
         self.session = s
+        self.lean = s.get_adapter("http://")
 
     def send(self, backend, method, target, headers, body=None, replayable=False):
         """Send ``method target`` to ``backend``; return an UpstreamResponse
         once the response header is in, or raise a ProxyError.
 
-        ``headers`` is a urllib3 HTTPHeaderDict (repeated fields kept);
+        ``headers`` is a list of (name, value) pairs, repeats kept, in order;
         ``body`` None or a BodySource; ``replayable`` whether the request may
         be sent again if a reused connection turns out to be dead."""
         t = self.timeouts
         deadline = time.monotonic() + t.total if t.total else None
         header_wait = min(t.response_header, t.total) if t.total else t.response_header
+        if backend.scheme == "http":
+            return self.lean.exchange(backend, method, target, headers, body, replayable,
+                                      t, header_wait, deadline)
+        headers = HTTPHeaderDict(headers)
         for name in ("User-Agent", "Accept-Encoding"):
             if name not in headers:
                 headers[name] = SKIP_HEADER    # urllib3/http.client add none

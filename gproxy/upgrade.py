@@ -33,8 +33,7 @@ class Upgrades:
     def relay(self, environ, start_response, ex, up, target, fields, body, key):
         if body is not None:
             raise errors.BadRequest("an Upgrade request must not have a body")
-        fields["Connection"] = "Upgrade"
-        fields["Upgrade"] = environ["HTTP_UPGRADE"]
+        fields = fields + [("Connection", "Upgrade"), ("Upgrade", environ["HTTP_UPGRADE"])]
         i, sock = self.dial(ex, up, fields, key)
         up.inflight[i] += 1
         t0 = time.monotonic()
@@ -75,7 +74,7 @@ class Upgrades:
             backend = up.backends[i]
             ex.backend, ex.retries = backend.name, attempt
             if not up.cfg.preserve_host:
-                fields["Host"] = proxy._backend_host(up, i)
+                fields[0] = ("Host", proxy._backend_host(up, i))    # Host is first
             try:
                 sock = tunnel.dial([backend.host], backend.port, up.cfg.timeouts.connect)
                 if backend.scheme == "https":
@@ -116,5 +115,5 @@ def _tls(sock, host):
 
 def _head(method, target, fields):
     lines = [f"{method} {target} HTTP/1.1"]
-    lines += [f"{n}: {v}" for n, v in fields.items()]
+    lines += [f"{n}: {v}" for n, v in fields]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
