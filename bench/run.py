@@ -337,7 +337,7 @@ class GProxy(Server):
 
 class GProxyPywsgi(GProxy):
     name = "gproxy-pywsgi"
-    extra = "worker_class: gevent_pywsgi"
+    extra = "worker_class: gevent_pywsgi\ntunnel: {upgrade_protocols: []}"
 
 
 SERVERS = {c.name: c for c in (GProxy, GProxyPywsgi, Nginx, HAProxy)}

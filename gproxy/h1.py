@@ -139,7 +139,7 @@ def send_body(sock, body, chunked):
 
 def read_head(conn):
     """Read up to the end of the response head; return (status, reason,
-    version, fields). Skips ``100 Continue`` heads as http.client does."""
+    version, fields). Skips interim 1xx heads (not 101) as http.client does."""
     while True:
         buf = conn.buf
         end = buf.find(b"\r\n\r\n")
@@ -161,8 +161,9 @@ def read_head(conn):
             end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(data) - 3))
         head, conn.buf = buf[:end], buf[end + 4:]
         status, reason, version, fields = parse_head(head)
-        if status != 100:
+        if not 100 <= status < 200 or status == 101:
             return status, reason, version, fields
+        # other 1xx (100 Continue, 103 Early Hints): interim, the final head follows
 
 
 def parse_head(head):
@@ -201,7 +202,9 @@ def framing(method, status, version, fields):
     if te is not None:
         if te.rsplit(",", 1)[-1].strip().lower() != "chunked":
             return "close", None, False
-        return "chunked", None, not close
+        # RFC 9112 6.3: with both, Transfer-Encoding wins and the connection
+        # is not reused (a sign of smuggling)
+        return "chunked", None, not close and cl is None
     if cl is not None:
         if not cl.isdigit():
             raise Invalid(f"bad Content-Length {cl[:40]!r}")

@@ -293,8 +293,9 @@ class ProxyApp:
                     extra={"fields": {"event": "upstream_failed", "kind": e.kind, "route": ex.route,
                                       "upstream": ex.upstream, "backend": ex.backend,
                                       "after": round(elapsed, 6), "request_id": ex.request_id}})
+        up = self.upstreams.get(ex.upstream)     # None for the forward proxy
         self.stats.attempt_failed(ex.upstream, ex.backend, e.kind,
-                                  self.upstreams[ex.upstream].ejected(ex.backend))
+                                  up is not None and up.ejected(ex.backend))
 
     def is_trusted(self, addr):
         if not self.trusted:

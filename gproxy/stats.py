@@ -206,8 +206,10 @@ class Stats:
         if self.client is None:
             return
         with self.client.pipeline() as pipe:
-            base = self.backend_name(upstream, backend)
             pipe.incr(f"{self.p}server.errors.{kind}")
+            if upstream is None:        # the forward proxy: no upstream, no backend names
+                return
+            base = self.backend_name(upstream, backend)
             pipe.incr(f"{self.upstream_name(upstream)}errors.{kind}")
             pipe.incr(f"{base}errors.{kind}")
             if ejected:

@@ -347,3 +347,15 @@ def test_407_keeps_the_connection_for_the_authenticated_retry(gproxy, backends, 
                 break
             second += data
     assert second.startswith(b"HTTP/1.1 200") and second.endswith(b"ok b1"), second
+
+
+def test_unreachable_origin_is_502_and_logged(gproxy):
+    from servers import free_port
+    port = free_port()
+    g = gproxy(fconf())
+    out = raw_request(g.port, get_via(f"http://127.0.0.1:{port}/x"))
+    assert out.startswith(b"HTTP/1.1 502"), out[:200]
+    rec = g.access_records(1)[-1]
+    assert (rec["status"], rec["error"], rec["route"]) == (502, "connect_error", "forward")
+    out = raw_request(g.port, connect_to(port), timeout=5)
+    assert out.startswith(b"HTTP/1.1 502"), out[:200]

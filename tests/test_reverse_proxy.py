@@ -445,3 +445,21 @@ def test_response_header_the_server_cannot_write_is_502(gproxy, backends):
     r, body = get(g, "/x")
     assert r.status == 502, body
     assert g.access_records(1)[-1]["error"] == "invalid_response"
+
+
+def test_interim_103_from_the_backend_is_skipped_for_the_final_response(gproxy, backends):
+    b, = backends(1)
+
+    def handler(backend, req, conn):
+        if not req.target.startswith("/hints"):
+            return False
+        conn.sock.sendall(b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n"
+                          b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal")
+        return True
+
+    b.handler = handler
+    g = gproxy(conf(b, workers=1))
+    r, body = get(g, "/hints")
+    assert (r.status, body) == (200, b"final")
+    r, body = get(g, "/after")      # the pooled connection is in step
+    assert (r.status, body) == (200, b"ok b1")
