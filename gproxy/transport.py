@@ -410,6 +410,10 @@ class LeanAdapter(BaseAdapter):
             raise
         except OSError as e:
             raise errors.UpstreamReset(_describe(e)) from e
+        if mode == "chunked":
+            # RFC 9112 6.3: a Content-Length beside Transfer-Encoding is
+            # removed before forwarding (the body is re-framed downstream)
+            fields = [f for f in fields if f[0].lower() != "content-length"]
         return LeanResponse(conn, pool, status, reason or http.client.responses.get(status, ""),
                             fields, mode, length, keep, idle, deadline)
 

@@ -35,8 +35,10 @@ def test_response_head_keeps_repeats_and_rejects_junk():
     ("GET", 204, "HTTP/1.1", [], ("none", 0, True)),
     ("GET", 304, "HTTP/1.1", [("Connection", "close")], ("none", 0, False)),
     ("GET", 200, "HTTP/1.1", [("Content-Length", "5")], ("length", 5, True)),
+    # both: Transfer-Encoding wins, and the connection is not reused (RFC 9112 6.3)
     ("GET", 200, "HTTP/1.1", [("Transfer-Encoding", "gzip, chunked"), ("Content-Length", "5")],
-     ("chunked", None, True)),
+     ("chunked", None, False)),
+    ("GET", 200, "HTTP/1.1", [("Transfer-Encoding", "chunked")], ("chunked", None, True)),
     ("GET", 200, "HTTP/1.1", [("Transfer-Encoding", "chunked, gzip")], ("close", None, False)),
     ("GET", 200, "HTTP/1.1", [], ("close", None, False)),
     ("GET", 200, "HTTP/1.0", [("Content-Length", "1")], ("length", 1, False)),

@@ -463,3 +463,21 @@ def test_interim_103_from_the_backend_is_skipped_for_the_final_response(gproxy, 
     assert (r.status, body) == (200, b"final")
     r, body = get(g, "/after")      # the pooled connection is in step
     assert (r.status, body) == (200, b"ok b1")
+
+
+def test_content_length_beside_chunked_is_not_relayed(gproxy, backends):
+    # RFC 9112 6.3: Transfer-Encoding wins; forwarding the Content-Length
+    # too would let the client frame the body differently (response splitting)
+    b, = backends(1)
+
+    def handler(backend, req, conn):
+        conn.sock.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n"
+                          b"5\r\nhello\r\n0\r\n\r\n")
+        return True
+
+    b.handler = handler
+    g = gproxy(conf(b, workers=1))
+    out = raw_request(g.port, b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"content-length" not in head.lower(), head
+    assert body == b"5\r\nhello\r\n0\r\n\r\n", body
