@@ -171,22 +171,8 @@ class ForwardProxy:
 
     def connect(self, environ, ex, dest, addresses):
         upstream = tunnel.dial(addresses, dest.port, self.cfg.timeouts.connect)
-        client, early = tunnel.hijack(environ)
         ex.status = 200
-        splice = tunnel.Splice(client, upstream, self.tunnel_cfg.idle_timeout,
-                               self.tunnel_cfg.max_duration)
-        tunnel.opened(self.app)
-        try:
-            client.sendall(ESTABLISHED)
-        except OSError:
-            splice.stop("client_gone")
-            upstream.close()
-            ex.status = 499
-        else:
-            splice.run(to_upstream=early)
-        finally:
-            tunnel.finish(self.app, ex, splice)
-        return tunnel.ALREADY_HANDLED
+        return tunnel.carry(self.app, ex, environ, upstream, ESTABLISHED, self.tunnel_cfg)
 
     # -- refusals ---------------------------------------------------------------
 

@@ -48,6 +48,7 @@ log = logging.getLogger("gproxy.error")
 
 HEARTBEAT = 0.25        # seconds between table heartbeats (workers' stale_after is 5 s)
 PR_SET_PDEATHSIG = 1
+PARENT_DEATH_SIGNAL = signal.SIGUSR2
 
 
 class HealthEvents:
@@ -350,7 +351,7 @@ class Supervisor:
         self.wake.set()
 
     def run(self):
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, PARENT_DEATH_SIGNAL):
             signal.signal(sig, self.queue_signal)
         threading.Thread(target=self.receive_failures, name="failure_reports", daemon=True).start()
         while True:
@@ -360,6 +361,9 @@ class Supervisor:
                 sig = self.signals.pop(0)
                 if sig == signal.SIGHUP:
                     self.reload()
+                elif sig == PARENT_DEATH_SIGNAL:
+                    if self.parent_exited():
+                        return self.stop(f"the arbiter (pid {self.arbiter_pid}) died")
                 else:
                     return self.stop(f"signal {signal.Signals(sig).name}")
             if os.getppid() != self.arbiter_pid:
@@ -369,23 +373,42 @@ class Supervisor:
             if self.admin is None and time.monotonic() >= self.admin_retry_at:
                 self.start_admin()
 
+    def parent_exited(self, wait=2.0):
+        """After the death signal: the kernel sends it when the arbiter's
+        forking thread exits, which can be a moment before the arbiter is
+        gone and this process re-parented; wait for that (bounded)."""
+        deadline = time.monotonic() + wait
+        while os.getppid() == self.arbiter_pid:
+            if time.monotonic() > deadline:
+                log.warning("supervisor: death signal, but the arbiter (pid %d) is still "
+                            "the parent; carrying on", self.arbiter_pid)
+                return False
+            time.sleep(0.01)
+        return True
+
     def stop(self, why):
         parent_gone = os.getppid() != self.arbiter_pid
         for checker in list(self.checkers.values()):
             checker.stopped.set()
+        if parent_gone:
+            # No arbiter will clean up; its workers exit on their own.
+            # First, before anything that could block or fail.
+            shutil.rmtree(self.runtime_dir, onerror=_log_rmtree_error)
         if self.admin is not None:
             self.admin.close()
         self.receiver.close()
-        if parent_gone:
-            # No arbiter will clean up; its workers exit on their own.
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
-        else:
+        if not parent_gone:
             try:
                 os.unlink(failures_path(self.runtime_dir))
             except FileNotFoundError:
                 pass
         log.info("supervisor (pid %d) exiting: %s", os.getpid(), why)
         return 0
+
+
+def _log_rmtree_error(func, path, exc_info):
+    if not isinstance(exc_info[1], FileNotFoundError):
+        log.warning("supervisor: cannot remove %s: %s", path, exc_info[1])
 
 
 LAST_GOOD = "last-good.yaml"
@@ -432,11 +455,13 @@ def config_digest(cfg):
 
 
 def die_with_parent(arbiter_pid):
-    """PR_SET_PDEATHSIG: SIGTERM when the arbiter dies; then check it did not
-    die before the prctl took effect."""
+    """PR_SET_PDEATHSIG: PARENT_DEATH_SIGNAL when the arbiter dies (not
+    SIGTERM, which is the arbiter asking for a clean stop: on the arbiter's
+    death the runtime directory is ours to remove); then check it did not die
+    before the prctl took effect."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        if libc.prctl(PR_SET_PDEATHSIG, PARENT_DEATH_SIGNAL, 0, 0, 0) != 0:
             log.warning("supervisor: prctl(PR_SET_PDEATHSIG) failed: %s",
                         os.strerror(ctypes.get_errno()))
     except (OSError, AttributeError) as e:

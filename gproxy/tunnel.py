@@ -38,7 +38,7 @@ log = logging.getLogger("gproxy.error")
 CHUNK = 65536
 MAX_HEAD = 65536        # a response head larger than this is invalid
 
-__all__ = ["ALREADY_HANDLED", "hijack", "dial", "Splice", "finish", "open_tunnels"]
+__all__ = ["ALREADY_HANDLED", "hijack", "dial", "Splice", "carry", "finish", "open_tunnels"]
 
 open_tunnels = 0        # tunnels open in this worker, for the logs and gauges
 
@@ -191,6 +191,26 @@ class Splice:
             self.bytes_up += len(data)
         else:
             self.bytes_down += len(data)
+
+
+def carry(app, ex, environ, upstream, greeting, cfg, to_client=b""):
+    """Take the client connection over, send it ``greeting`` (the 200 of a
+    CONNECT, the backend's 101 head), then splice both ways until the
+    tunnel ends; account for it and return ``ALREADY_HANDLED``."""
+    client, early = hijack(environ)
+    splice = Splice(client, upstream, cfg.idle_timeout, cfg.max_duration)
+    opened(app)
+    try:
+        client.sendall(greeting)
+    except OSError:
+        splice.stop("client_gone")
+        upstream.close()
+        ex.status = 499
+    else:
+        splice.run(to_upstream=early, to_client=to_client)
+    finally:
+        finish(app, ex, splice)
+    return ALREADY_HANDLED
 
 
 def opened(app):

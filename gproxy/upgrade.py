@@ -88,21 +88,10 @@ class Upgrades:
         raise last or errors.NoBackend(f"no available backend in upstream {up.name}")
 
     def splice(self, environ, ex, up, i, sock, head, rest):
-        client, early = tunnel.hijack(environ)
-        splice = tunnel.Splice(client, sock, self.cfg.idle_timeout, self.cfg.max_duration)
-        tunnel.opened(self.app)
         try:
-            client.sendall(head)
-        except OSError:
-            splice.stop("client_gone")
-            sock.close()
-            ex.status = 499
-        else:
-            splice.run(to_upstream=early, to_client=rest)
+            return tunnel.carry(self.app, ex, environ, sock, head, self.cfg, to_client=rest)
         finally:
             up.inflight[i] -= 1
-            tunnel.finish(self.app, ex, splice)
-        return tunnel.ALREADY_HANDLED
 
 
 def _tls(sock, host):

@@ -310,7 +310,9 @@ def test_arbiter_sigkill_leaves_no_process(gproxy, backends):
     g.proc.send_signal(signal.SIGKILL)
     g.proc.wait(5)
     wait_for("every gproxy process gone", lambda: not any(alive(p) for p in pids), timeout=8)
-    assert not os.path.exists(st["runtime_dir"]), "the runtime directory was left behind"
+    rdir = st["runtime_dir"]
+    wait_for("the runtime directory removed", lambda: not os.path.exists(rdir), timeout=5)
+    assert "cannot remove" not in g.stderr(), g.stderr()
 
 
 def test_term_stops_the_supervisor_and_removes_the_runtime_dir(gproxy, backends):
