@@ -216,8 +216,7 @@ class Supervisor:
     def apply(self, cfg):
         """Take a (new) config: keep what is known about backends that stay."""
         self.events.configure(cfg.statsd)
-        if cfg.error_log != getattr(self.cfg, "error_log", None):
-            logs.setup(cfg.error_log)
+        logs.setup(cfg.error_log)      # (re)opened on every load, so a HUP follows logrotate
         restored = self.table.restored if self.cfg is None else {}
         with self.lock:
             old, self.backends = self.backends, {}
