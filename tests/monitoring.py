@@ -141,7 +141,18 @@ LOG_CREATES = False
 """
 
 
-class Carbon:
+class _Daemon:
+    """A daemon started by a test: its log tail, and stop by pid."""
+
+    def log(self):
+        with open(self.log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")[-3000:]
+
+    def stop(self):
+        _stop(self.proc)
+
+
+class Carbon(_Daemon):
     """carbon-cache in the foreground with its own config and whisper tree.
     The storage schema is ops/monitoring's, so the test checks that file."""
 
@@ -174,12 +185,6 @@ class Carbon:
         assert self.proc.poll() is None, f"carbon-cache exited: {self.log()}"
         return self
 
-    def log(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")[-3000:]
-
-    def stop(self):
-        _stop(self.proc)
 
     def whisper_path(self, metric):
         return os.path.join(self.root, "whisper", *metric.split(".")) + ".wsp"
@@ -207,7 +212,7 @@ class Carbon:
         return sorted(out)
 
 
-class NodeStatsd:
+class NodeStatsd(_Daemon):
     """The StatsD daemon from npm, flushing to ``carbon`` every second, with
     the settings of ops/monitoring/statsd-config.js (ports and interval
     changed for the test)."""
@@ -238,12 +243,6 @@ class NodeStatsd:
         assert self.proc.poll() is None, f"statsd exited: {self.log()}"
         return self
 
-    def log(self):
-        with open(self.log_path, "rb") as f:
-            return f.read().decode("utf-8", "replace")[-3000:]
-
-    def stop(self):
-        _stop(self.proc)
 
 
 def free_udp_port():
