@@ -526,41 +526,32 @@ def health_check(doc, value, path):
     return HealthCheck(**kw)
 
 
-_HOST = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d+)?$")
 _METHOD = re.compile(r"^[A-Z]+$")
 
 
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
-_PREFIX = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+def matching(pattern, expected, lower=False):
+    """A parser for a non-empty string that must match ``pattern``."""
+    regex = re.compile(pattern)
+
+    def parse(doc, value, path):
+        value = string(doc, value, path)
+        if lower:
+            value = value.lower()
+        if not regex.match(value):
+            doc.fail(path, f"{expected}, got {value!r}")
+        return value
+    return parse
 
 
-def name(doc, value, path):
-    value = string(doc, value, path)
-    if not _NAME.match(value):
-        doc.fail(path, f"names use letters, digits, '_', '.' and '-' only, got {value!r}")
-    return value
-
-
-def metric_prefix(doc, value, path):
-    value = string(doc, value, path)
-    if not _PREFIX.match(value):
-        doc.fail(path, f"expected dotted names of letters, digits, '_' and '-', got {value!r}")
-    return value
+name = matching(r"^[A-Za-z0-9_.-]+$", "names use letters, digits, '_', '.' and '-' only")
+metric_prefix = matching(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+                         "expected dotted names of letters, digits, '_' and '-'")
+route_host = matching(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:\d+)?$",
+                      "expected a host name or *.suffix", lower=True)
+path_prefix = matching(r"^/", "must start with '/'")
 
 
 def route(doc, raw, path, index, upstreams):
-    def host(d, v, p):
-        v = string(d, v, p).lower()
-        if not _HOST.match(v):
-            d.fail(p, f"expected a host name or *.suffix, got {v!r}")
-        return v
-
-    def prefix(d, v, p):
-        v = string(d, v, p)
-        if not v.startswith("/"):
-            d.fail(p, f"must start with '/', got {v!r}")
-        return v
-
     def methods(d, v, p):
         items = list_of(string)(d, v, p)
         for i, m in enumerate(items):
@@ -568,7 +559,7 @@ def route(doc, raw, path, index, upstreams):
                 d.fail(f"{p}[{i}]", f"expected an upper-case method name, got {m!r}")
         return frozenset(items)
 
-    spec = {"host": host, "path_prefix": prefix, "methods": methods,
+    spec = {"host": route_host, "path_prefix": path_prefix, "methods": methods,
             "strip_prefix": boolean, "upstream": string, "max_body": size, "name": name}
     kw = fields(doc, raw, path, spec)
     kw.setdefault("name", str(index))
@@ -599,14 +590,8 @@ def port_range(doc, value, path):
     return (lo, hi)
 
 
-_GLOB = re.compile(r"^[a-z0-9.*?\[\]:-]+$")
-
-
-def host_glob(doc, value, path):
-    value = string(doc, value, path).lower()
-    if not _GLOB.match(value):
-        doc.fail(path, f"expected a host name glob like *.example.com, got {value!r}")
-    return value
+host_glob = matching(r"^[a-z0-9.*?\[\]:-]+$", "expected a host name glob like *.example.com",
+                     lower=True)
 
 
 def forward_proxy(doc, value, path):

@@ -32,7 +32,6 @@ On x86-64 stores are not reordered with other stores, which is what the
 seqlock relies on.
 """
 
-import errno
 import json
 import logging
 import mmap

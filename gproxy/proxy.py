@@ -64,6 +64,21 @@ class UpstreamState:
             self.passive.chosen(i, now)
         return i
 
+    def attempts(self, key, ex, fields):
+        """The backends to try for one request: chosen by the policy, each at
+        most once, at most ``1 + retries``; records which in ``ex`` and points
+        Host at it unless the client's is kept (``fields[0]`` is Host)."""
+        tried = set()
+        for attempt in range(self.cfg.retries + 1):
+            i = self.choose(key, tried)
+            if i is None:
+                return
+            tried.add(i)
+            ex.backend, ex.retries = self.backends[i].name, attempt
+            if not self.cfg.preserve_host:
+                fields[0] = ("Host", _backend_host(self, i))
+            yield i
+
     def failed(self, i, kind="error"):
         # Eject here at once (nginx rules); tell the supervisor without waiting.
         self.passive.failure(i, time.monotonic())
@@ -233,18 +248,9 @@ class ProxyApp:
         retry, try another backend (nginx ``proxy_next_upstream error timeout``)."""
         method = ex.method
         replayable = body is None and method in IDEMPOTENT
-        preserve = up.cfg.preserve_host
-        tried = set()
         last = None
-        for attempt in range(up.cfg.retries + 1):
-            i = up.choose(key, tried)
-            if i is None:
-                break
-            tried.add(i)
+        for i in up.attempts(key, ex, fields):
             backend = up.backends[i]
-            ex.backend, ex.retries = backend.name, attempt
-            if not preserve:
-                fields[0] = ("Host", _backend_host(up, i))
             up.inflight[i] += 1
             t0 = time.monotonic()
             try:

@@ -31,7 +31,6 @@ Rule 5: gauges that several workers share (active connections, active
 
 import logging
 import re
-import socket
 import time
 
 import statsd

@@ -33,7 +33,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time

@@ -46,6 +46,15 @@ CHUNK = 65536   # 64 KiB reads: large enough for 1+ GiB/s on loopback
 logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
+def _next_read_timeout(deadline, idle):
+    """The socket timeout for the next body read: the idle limit, cut short
+    by the total deadline; past the deadline, a 504."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise errors.UpstreamTimeout("total timeout")
+    return min(idle, left)
+
+
 class UpstreamResponse:
     """The status, every header field in order (repeats kept), and the body."""
 
@@ -96,12 +105,10 @@ class UpstreamResponse:
 
     def _check_deadline(self):
         if self._deadline is not None:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                raise errors.UpstreamTimeout("total timeout")
+            wait = _next_read_timeout(self._deadline, self._idle)
             conn = self._raw.connection
             if conn is not None and conn.sock is not None:
-                conn.sock.settimeout(min(self._idle, left))
+                conn.sock.settimeout(wait)
 
     def close(self):
         """Give the connection back to the pool, or drop it if the body was
@@ -284,10 +291,7 @@ class LeanResponse:
 
     def _check_deadline(self):
         if self._deadline is not None:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                raise errors.UpstreamTimeout("total timeout")
-            self._conn.sock.settimeout(min(self._idle, left))
+            self._conn.sock.settimeout(_next_read_timeout(self._deadline, self._idle))
 
     def close(self):
         """Give the connection back to the pool when the response was read

@@ -65,22 +65,15 @@ class Upgrades:
     def dial(self, ex, up, fields, key):
         """A connected socket to a backend chosen by the route's policy; a
         backend that refuses is skipped (nothing was sent to it)."""
-        tried, last = set(), None
-        for attempt in range(up.cfg.retries + 1):
-            i = up.choose(key, tried)
-            if i is None:
-                break
-            tried.add(i)
+        last = None
+        for i in up.attempts(key, ex, fields):
             backend = up.backends[i]
-            ex.backend, ex.retries = backend.name, attempt
-            if not up.cfg.preserve_host:
-                fields[0] = ("Host", proxy._backend_host(up, i))    # Host is first
             try:
                 sock = tunnel.dial([backend.host], backend.port, up.cfg.timeouts.connect)
                 if backend.scheme == "https":
                     sock = _tls(sock, backend.host)
             except errors.ProxyError as e:
-                up.failed(i)
+                up.failed(i, e.kind)
                 self.app.upstream_failed(ex, e, 0.0)
                 last = e
                 continue

@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 
-from servers import REPO, free_port
+from servers import REPO, free_port, wait_until  # noqa: F401  (re-exported for the metric tests)
 
 STATSD_NPM_VERSION = "0.9.0"
 NODE_DIR = os.environ.get("GPROXY_TEST_NODE_DIR", os.path.join(REPO, ".ci", "node"))
@@ -30,18 +30,6 @@ def settle(measure, want, timeout, interval=0.2):
         got = measure()
         if got == want or time.monotonic() > deadline:
             return got
-        time.sleep(interval)
-
-
-def wait_until(predicate, timeout, what, interval=0.05):
-    """Poll ``predicate`` until it returns a true value; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
 
 

@@ -7,7 +7,6 @@ import concurrent.futures
 import hashlib
 import http.client
 import socket
-import threading
 import time
 
 import pytest

@@ -17,7 +17,7 @@ import threading
 import time
 
 from servers import (REPO, GProxy, alive, children, cmdline, free_port, local_non_loopback_ipv4,
-                     supervisor_pid, worker_of)
+                     supervisor_pid, worker_of, wait_until)
 
 INTERVAL, RISE, FALL = 0.2, 2, 2
 SLACK = 2.0             # a shared 2-core box: scheduling, Python start-up
@@ -98,16 +98,8 @@ def admin(port, method="GET", path="/status", source=None):
     return r.status, data.decode()
 
 
-def wait_for(what, cond, timeout=10.0, every=0.02):
-    """Poll ``cond`` until it returns a truthy value; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
+def wait_for(what, cond, timeout=10.0):
+    return wait_until(cond, timeout, what, interval=0.02)
 
 
 def status_or_none(port):
