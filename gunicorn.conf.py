@@ -14,10 +14,9 @@ _cfg = _lifecycle.load_config()
 
 bind = list(_cfg.listen)
 workers = _cfg.workers
-# gevent_pywsgi: gunicorn's pywsgi worker with the raw request headers handed
-# on (gproxy/pywsgi_worker.py); imported here only by name.
-worker_class = {"gevent": "gevent",
-                "gevent_pywsgi": "gproxy.pywsgi_worker.Worker"}[_cfg.worker_class]
+# gproxy serves HTTP/1.1 itself (gproxy/worker.py, a subclass of gunicorn's
+# gevent worker); imported here only by name.
+worker_class = "gproxy.worker.Worker"
 worker_connections = _cfg.worker_connections
 keepalive = int(_cfg.keepalive_timeout)
 graceful_timeout = int(_cfg.graceful_timeout)
@@ -25,7 +24,6 @@ timeout = 30                    # worker heartbeat (a blocked hub is killed)
 preload_app = False
 proc_name = "gproxy"
 control_socket_disable = True   # per-user default path collides across instances
-http_parser = "python"          # the hijack paths rely on the Python parser's internals
 # gproxy decides whom to trust (trusted_proxies); gunicorn must not turn a
 # client's X-Forwarded-Proto into wsgi.url_scheme on its own.
 forwarded_allow_ips = ""
@@ -41,12 +39,6 @@ if _gunicorn_statsd:
     statsd_host = f"[{_h}]:{_cfg.statsd.port}" if ":" in _h else f"{_h}:{_cfg.statsd.port}"
     statsd_prefix = _cfg.statsd.prefix
 logger_class = _logs.gunicorn_logger_class(_cfg.error_log, _gunicorn_statsd)
-
-
-def pre_request(worker, req):
-    # Hand the raw header list (repeated fields kept, in order) to the app:
-    # the WSGI environ joins repeated fields into one.
-    req.body.gproxy_headers = req.headers
 
 
 # The supervisor (health checks, shared health table, admin endpoint):

@@ -30,7 +30,7 @@ HASH_KEY_KINDS = ("header", "cookie", "client_ip", "path", "uri")
 LOG_FORMATS = ("json", "combined", "off")
 ERROR_LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")    # gunicorn's
-WORKER_CLASSES = ("gevent", "gevent_pywsgi")
+WORKER_CLASSES = ("gproxy",)
 
 DEFAULT_YAML = """\
 # gproxy built-in default: a forward proxy on loopback for local clients
@@ -72,6 +72,15 @@ class Timeouts:
 class Pool:
     max_idle_per_backend: int = 32  # nginx upstream keepalive 32
     idle_timeout: float = 60.0      # nginx keepalive_timeout (upstream) 60 s
+
+
+@dataclass(frozen=True)
+class Tls:
+    """How https backends are verified (nginx proxy_ssl_*; unlike nginx,
+    certificates are verified unless told otherwise)."""
+    verify: bool = True
+    ca_file: str | None = None      # PEM bundle; default: the system's CAs
+    server_name: str | None = None  # SNI and the name checked; default: the backend's host
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,7 @@ class Upstream:
     passive: Passive = field(default_factory=Passive)
     preserve_host: bool = True      # HAProxy; nginx rewrites to $proxy_host
     health_check: HealthCheck | None = None     # off unless configured (HAProxy: no "check")
+    tls: Tls | None = None          # https backends: None is Tls()
 
 
 @dataclass(frozen=True)
@@ -221,15 +231,28 @@ class StatsD:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one client may send, and how slowly (the server side, nginx-like)."""
+    request_line: int = 8192        # nginx large_client_header_buffers 8k; else 414
+    header_block: int = 65536       # the whole head; else 431
+    header_fields: int = 100        # Apache LimitRequestFields, gunicorn; else 431
+    header_timeout: float = 60.0    # nginx client_header_timeout: the whole head; else 408
+    body_timeout: float = 60.0      # nginx client_body_timeout: between body reads
+
+
+@dataclass(frozen=True)
 class Config:
     source: str = "<built-in>"
     listen: tuple = ("127.0.0.1:8080",)
     workers: int = 2
-    worker_connections: int = 1000          # gunicorn default
-    worker_class: str = "gevent"            # gunicorn's gevent worker (see bench/README.md)
+    # 2 default workers hold 10,000 client connections (nginx's default is
+    # 512 per worker; idle keep-alive connections cost a few KiB each here)
+    worker_connections: int = 5000
+    worker_class: str = "gproxy"            # gproxy's own HTTP/1.1 server (worker.py)
     keepalive_timeout: float = 75.0         # nginx keepalive_timeout
     graceful_timeout: float = 30.0          # gunicorn default
     trusted_proxies: tuple = ()             # believe no X-Forwarded-* by default
+    limits: Limits = field(default_factory=Limits)
     access_log: AccessLog = field(default_factory=AccessLog)
     error_log: ErrorLog = field(default_factory=ErrorLog)
     statsd: StatsD = field(default_factory=lambda: StatsD(enabled=False))
@@ -337,6 +360,22 @@ def size(doc, value, path):
     if not m:
         doc.fail(path, f"expected a size like 64KB or 10MB, got {value!r}")
     return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+
+
+def positive_duration(doc, value, path):
+    seconds = duration(doc, value, path)
+    if seconds <= 0:
+        doc.fail(path, "must be more than 0")
+    return seconds
+
+
+def bounded_size(low, high):
+    def parse(doc, value, path):
+        n = size(doc, value, path)
+        if not low <= n <= high:
+            doc.fail(path, f"must be between {low} and {high} bytes, got {n}")
+        return n
+    return parse
 
 
 def integer(low=None, high=None):
@@ -477,6 +516,7 @@ def upstream(doc, name, raw, path):
             "fail_status": lambda d2, v2, p2: frozenset(list_of(integer(500, 599))(d2, v2, p2))})),
         "health_check": health_check,
         "preserve_host": boolean,
+        "tls": tls_settings,
     }
     kw = fields(doc, raw, path, spec)
     if not kw.get("backends"):
@@ -490,6 +530,19 @@ def upstream(doc, name, raw, path):
     if kw.get("balance") == "consistent_hash" and "hash_key" not in kw:
         doc.fail(f"{path}.balance", "consistent_hash needs a hash_key")
     return Upstream(name=name, **kw)
+
+
+def tls_settings(doc, value, path):
+    def ca_file(d, v, p):
+        v = string(d, v, p)
+        if not os.path.isabs(v) and os.path.isfile(d.source):
+            v = os.path.join(os.path.dirname(os.path.abspath(d.source)), v)
+        if not os.access(v, os.R_OK):
+            d.fail(p, f"cannot read {v}")
+        return v
+
+    return Tls(**fields(doc, value, path, {"verify": boolean, "ca_file": ca_file,
+                                           "server_name": string}))
 
 
 def status_range(doc, value, path):
@@ -646,6 +699,10 @@ TOP = {
     "keepalive_timeout": duration,
     "graceful_timeout": duration,
     "trusted_proxies": list_of(cidr),
+    "limits": lambda d, v, p: Limits(**fields(d, v, p, {
+        "request_line": bounded_size(256, 1 << 20), "header_block": bounded_size(1024, 1 << 24),
+        "header_fields": integer(1, 10000), "header_timeout": positive_duration,
+        "body_timeout": positive_duration})),
     "access_log": lambda d, v, p: AccessLog(**fields(d, v, p, {
         "format": log_format, "path": string})),
     "forward_proxy": forward_proxy,
@@ -679,12 +736,7 @@ def parse(text, source="<string>"):
         doc.fail("routes", f"expected a list, got {type(routes).__name__}")
     kw["routes"] = tuple(route(doc, r, f"routes[{i}]", i, kw["upstreams"])
                          for i, r in enumerate(routes))
-    cfg = Config(source=source, **kw)
-    if cfg.worker_class == "gevent_pywsgi" and (cfg.forward_proxy.enabled or cfg.tunnel.upgrade_protocols):
-        # pywsgi has no way to hand a connection over (gunicorn's ALREADY_HANDLED)
-        doc.fail("worker_class", "gevent_pywsgi cannot carry CONNECT or WebSocket tunnels: "
-                 "disable forward_proxy and set tunnel.upgrade_protocols: [] to use it")
-    return cfg
+    return Config(source=source, **kw)
 
 
 def load(path=None):

@@ -19,6 +19,8 @@ class ProxyError(Exception):
     backend_fault = False
     # True when the request certainly never reached the backend.
     never_sent = False
+    # Extra response header fields of the error answer, e.g. a challenge.
+    headers = ()
 
     def __init__(self, detail="", *, elapsed=None):
         super().__init__(detail or self.body)
@@ -33,6 +35,12 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     status, reason, kind = 400, "Bad Request", "bad_request"
     body = "Bad request."
+
+
+class RequestTimeout(ProxyError):
+    # nginx client_body_timeout: 408, and the connection is closed.
+    status, reason, kind = 408, "Request Timeout", "client_timeout"
+    body = "The request body did not arrive in time."
 
 
 class NoRoute(ProxyError):
@@ -98,8 +106,7 @@ class Forbidden(ProxyError):
 
 
 class ProxyAuthRequired(ProxyError):
-    # RFC 9110 15.5.8. gunicorn drops Proxy-Authenticate from start_response,
-    # so the forward proxy writes this answer to the socket itself.
+    # RFC 9110 15.5.8; the forward proxy sets the Proxy-Authenticate challenge.
     status, reason, kind = 407, "Proxy Authentication Required", "proxy_auth"
     body = "Proxy authentication required."
 

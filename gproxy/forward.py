@@ -5,8 +5,9 @@
             -> absolute-form: forward through pooled connections, stream back
                CONNECT: dial the checked address, 200, splice both ways
 
-Called by ``ProxyApp`` for every request whose target is not a path. The
-decisions are ``acl`` (pure); the I/O is ``transport`` (pooled HTTP),
+Called by ``ProxyApp`` for CONNECT and the absolute-form requests that are
+not for a route's host. The decisions are ``acl`` (pure); the I/O is
+``exchange`` (the same attempts and streaming as the reverse proxy),
 ``tunnel`` (sockets) and ``htpasswd``. Refusals are 403 with a short reason,
 logged in the access log (``error``) and the error log.
 """
@@ -14,52 +15,46 @@ logged in the access log (``error``) and the error log.
 import ipaddress
 import logging
 import socket
-import time
 
-
-from . import acl, config as C, errors, headers as H, proxy, tunnel
+from . import acl, config as C, errors, exchange, headers as H, tunnel
 from .transport import Transport
 
 log = logging.getLogger("gproxy.error")
 
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"    # as Squid
 # Request fields never passed on: hop-by-hop (Proxy-Authorization among
-# them) and Expect, which gunicorn has already answered.
+# them) and Expect, which the server answers itself.
 REQUEST_DROP = H.HOP_BY_HOP | {"expect"}
 
 
-class Destinations:
-    """The forward proxy's stand-in for an ``UpstreamState``: destinations
-    are not balanced and have no passive health, so only the counters the
-    response ``Streamer`` keeps, and one Transport whose per-destination
-    pools live in a bounded LRU (``forward_proxy.pool``)."""
+class Destinations(exchange.BackendSet):
+    """The addresses one destination resolved to, tried in order (only the
+    ones checked by the ACLs): the forward proxy's ``BackendSet``. Origins
+    are not balanced and have no passive health; a failure is logged and
+    counted in the metrics like an upstream's."""
 
     name = "forward"
 
-    def __init__(self, cfg):
-        self.cfg = C.Upstream(name="forward", backends=(), timeouts=cfg.timeouts,
-                              pool=C.Pool(max_idle_per_backend=cfg.pool.max_idle_per_destination),
-                              retries=0, preserve_host=True)
-        self.max_destinations = cfg.pool.max_destinations
-        self.inflight = [0]
-        self._transport = None
+    def __init__(self, dest, addresses, transport):
+        self.backends = [_backend(ip, dest) for ip in addresses]
+        self.transport = transport
+        self.inflight = [0] * len(self.backends)
 
-    @property
-    def transport(self):
-        if self._transport is None:     # after fork
-            self._transport = Transport(self.cfg, pools=self.max_destinations)
-        return self._transport
+    def attempts(self, key, ex, fields):
+        for i, b in enumerate(self.backends):
+            ex.backend, ex.retries = b.name, i
+            yield i
 
-    def failed(self, i):
-        pass
+    def started(self, i):
+        self.inflight[i] += 1
 
-    def succeeded(self, i):
-        pass
+    def finished(self, i):
+        self.inflight[i] -= 1
 
 
 class ForwardProxy:
-    def __init__(self, app, config):
-        self.app = app
+    def __init__(self, recorder, config):
+        self.recorder = recorder
         self.cfg = cfg = config.forward_proxy
         self.tunnel_cfg = config.tunnel
         self.auth = None
@@ -69,110 +64,92 @@ class ForwardProxy:
         self.listeners = _listeners(config.listen)
         port = self.listeners[0][1] if self.listeners else 0
         self.via_name = cfg.via_name or f"{socket.gethostname()}:{port}"
-        self.limits = C.Route(upstream="forward", max_body=cfg.max_body, name="forward")
-        self.destinations = Destinations(cfg)
+        self.pool_cfg = C.Upstream(
+            name="forward", backends=(), timeouts=cfg.timeouts,
+            pool=C.Pool(max_idle_per_backend=cfg.pool.max_idle_per_destination),
+            retries=0, preserve_host=True)
+        self._transport = None
 
-    @staticmethod
-    def handles(ex):
-        """Absolute-form and CONNECT are ours; origin-form (and ``*``) are not."""
-        return ex.method == "CONNECT" or not (ex.target.startswith("/") or ex.target == "*")
+    @property
+    def transport(self):
+        """One Transport whose per-destination pools live in a bounded LRU
+        (``forward_proxy.pool``); made after fork."""
+        if self._transport is None:
+            self._transport = Transport(self.pool_cfg, pools=self.cfg.pool.max_destinations)
+        return self._transport
 
-    def __call__(self, environ, start_response, ex):
+    def __call__(self, request, start_response, ex):
         ex.route = "forward"
         connect = ex.method == "CONNECT"
         try:
-            dest, addresses = self.admit(environ, ex, connect)
+            dest, addresses = self.admit(request, ex, connect)
             if connect:
-                return self.connect(environ, ex, dest, addresses)
-            return self.forward(environ, start_response, ex, dest, addresses)
+                return self.connect(request, ex, dest, addresses)
+            return self.forward(request, start_response, ex, dest, addresses)
         except acl.Refusal as r:
             return self.refuse(r, ex, start_response)
-        except errors.ProxyAuthRequired:
-            return self.challenge(environ, ex)
         except errors.ProxyError as e:
-            return self.app.fail(e, ex, start_response)
+            return exchange.fail(self.recorder, e, ex, start_response)
 
     # -- admit: every check before any byte goes anywhere ---------------------
 
-    def admit(self, environ, ex, connect):
+    def admit(self, request, ex, connect):
         cfg = self.cfg
         if not cfg.enabled:
             raise acl.Refusal("forward_disabled", "forward proxying is not enabled")
         acl.check_client(ex.client, cfg.allow_clients)
-        if self.auth is not None and self.auth.user(environ.get("HTTP_PROXY_AUTHORIZATION")) is None:
-            raise errors.ProxyAuthRequired()
+        if self.auth is not None and self.auth.user(_field(request, "proxy-authorization")) is None:
+            e = errors.ProxyAuthRequired()
+            e.headers = (("Proxy-Authenticate", f'Basic realm="{cfg.auth.realm}", charset="UTF-8"'),)
+            raise e
         dest = acl.parse_connect(ex.target) if connect else acl.parse_absolute(ex.target)
         ex.backend = dest.name
         acl.check_destination(dest, cfg, connect)
-        if cfg.via and acl.via_loop([environ.get("HTTP_VIA", "")], self.via_name):
+        if cfg.via and acl.via_loop([_field(request, "via") or ""], self.via_name):
             raise acl.Refusal("loop", "the request already passed through this proxy (Via)")
         addresses = resolve(dest)
         acl.check_addresses(dest, addresses, cfg)
-        acl.check_not_self(addresses, dest.port, self.own_addresses(environ))
+        acl.check_not_self(addresses, dest.port, self.own_addresses(request))
         return dest, addresses
 
-    def own_addresses(self, environ):
+    def own_addresses(self, request):
         own = list(self.listeners)
         try:
-            ip, port = environ["gunicorn.socket"].getsockname()[:2]
+            ip, port = request.local_address()[:2]
             own.append((ipaddress.ip_address(ip.split("%", 1)[0]), port))
-        except (KeyError, OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError):
             pass    # not a TCP socket (unix:): the listeners are all we know
         return own
 
     # -- absolute-form --------------------------------------------------------
 
-    def forward(self, environ, start_response, ex, dest, addresses):
-        body = self.app.admit(environ, self.limits, ex)
-        fields = self.request_headers(environ, ex, dest)
-        dests = self.destinations
-        replayable = body is None and ex.method in proxy.IDEMPOTENT
-        last = None
-        for ip in addresses:
-            backend = _backend(ip, dest)
-            dests.inflight[0] += 1
-            t0 = time.monotonic()
-            try:
-                resp = dests.transport.send(backend, ex.method, dest.target, fields, body, replayable)
-            except errors.ProxyError as e:
-                dests.inflight[0] -= 1
-                ex.upstream_time = time.monotonic() - t0
-                if not (e.never_sent and not (body and body.started)):
-                    raise
-                self.app.upstream_failed(ex, e, 0.0)
-                last = e
-                continue
-            resp.index = 0
-            ex.upstream_time = time.monotonic() - t0
-            ex.status = resp.status
-            out = H.strip_hop_by_hop(resp.headers, H.RESPONSE_DROP)
-            if self.cfg.via:
-                out.append(("Via", f"{_version(ex)} {self.via_name}"))
-            start_response(f"{resp.status} {resp.reason}", out)
-            return proxy.Streamer(self.app, ex, dests, resp)
-        raise last
+    def forward(self, request, start_response, ex, dest, addresses):
+        body = exchange.request_body(request, self.cfg.max_body, ex)
+        fields = self.request_headers(request, ex, dest)
+        dests = Destinations(dest, addresses, self.transport)
+        attempt, resp = exchange.send(self.recorder, ex, dests, None, dest.target, fields, body)
+        via = (("Via", f"{_version(ex)} {self.via_name}"),) if self.cfg.via else ()
+        return exchange.respond(self.recorder, ex, attempt, resp, start_response, via)
 
-    def request_headers(self, environ, ex, dest):
+    def request_headers(self, request, ex, dest):
         """The request fields for the origin, a list of (name, value) pairs."""
-        raw = getattr(environ["wsgi.input"], "gproxy_headers", None)
-        fields = [(H.title(n), v) for n, v in raw] if raw is not None \
-            else proxy._environ_fields(environ)
         # RFC 9112 3.2.2: a proxy replaces Host with the target's authority.
         out = [("Host", dest.authority)]
-        out += [(n, v) for n, v in H.strip_hop_by_hop(fields, REQUEST_DROP) if n != "Host"]
+        out += [(n, v) for n, v in H.strip_hop_by_hop(request.fields, REQUEST_DROP)
+                if n.lower() != "host"]
         if self.cfg.via:
             out.append(("Via", f"{_version(ex)} {self.via_name}"))
         if self.cfg.x_forwarded_for:
-            out.append(("X-Forwarded-For", H.forwarded_for(environ.get("HTTP_X_FORWARDED_FOR"),
+            out.append(("X-Forwarded-For", H.forwarded_for(_field(request, "x-forwarded-for"),
                                                           ex.client, True)))
         return out
 
     # -- CONNECT --------------------------------------------------------------
 
-    def connect(self, environ, ex, dest, addresses):
+    def connect(self, request, ex, dest, addresses):
         upstream = tunnel.dial(addresses, dest.port, self.cfg.timeouts.connect)
         ex.status = 200
-        return tunnel.carry(self.app, ex, environ, upstream, ESTABLISHED, self.tunnel_cfg)
+        return tunnel.carry(self.recorder, ex, request, upstream, ESTABLISHED, self.tunnel_cfg)
 
     # -- refusals ---------------------------------------------------------------
 
@@ -182,25 +159,15 @@ class ForwardProxy:
         ex.error = r.reason
         e = errors.Forbidden(r.detail)
         e.body = f"Forbidden: {r.detail}"
-        return self.app.fail(e, ex, start_response)
+        return exchange.fail(self.recorder, e, ex, start_response)
 
-    def challenge(self, environ, ex):
-        """407, written to the socket: gunicorn drops Proxy-Authenticate from
-        start_response. The connection stays usable (gunicorn reads past the
-        request body to the next request), except after CONNECT."""
-        body = b"Proxy authentication required.\n"
-        head = ("HTTP/1.1 407 Proxy Authentication Required\r\n"
-                f'Proxy-Authenticate: Basic realm="{self.cfg.auth.realm}", charset="UTF-8"\r\n'
-                "Content-Type: text/plain; charset=utf-8\r\n"
-                f"Content-Length: {len(body)}\r\n"
-                + ("Connection: close\r\n" if ex.method == "CONNECT" else "") + "\r\n")
-        ex.status, ex.error, ex.bytes_out = 407, "proxy_auth", len(body)
-        try:
-            environ["gunicorn.socket"].sendall(head.encode("latin-1") + body)
-        except OSError:
-            ex.status = 499
-        self.app.record(ex)
-        return tunnel.ALREADY_HANDLED
+
+def _field(request, name):
+    """The first value of the request field ``name`` (lower case), or None."""
+    for n, v in request.fields:
+        if n.lower() == name:
+            return v
+    return None
 
 
 def resolve(dest):

@@ -5,30 +5,28 @@
 ``ProxyApp.__call__`` reads top to bottom as that story; each step is a
 method of about a screen. Errors carry their status (``errors``), so there is
 one ``except ProxyError``. Decisions (routing, balancing) are pure modules;
-the only I/O here goes through ``transport`` and ``accesslog``.
+the request's exchange with the backends (attempts, streaming, records) is
+``exchange``; the request's raw parts come from ``downstream``. The WSGI
+environ stops here: the forward and upgrade handlers beside this one, and
+everything below, take the ``downstream.Request``.
 """
 
-import errno
 import ipaddress
-import logging
 import os
-import sys
 import time
 
-from . import accesslog, errors, forward as _forward, headers as H, stats, upgrade as _upgrade
+from . import downstream, errors, exchange, forward as _forward, headers as H, stats
+from . import upgrade as _upgrade
 from .balancer import make_policy
+from .exchange import Exchange
 from .health import PassiveHealth
 from .router import Router, upstream_target
-from .transport import CHUNK, BodySource, Transport
+from .transport import Transport
 
-log = logging.getLogger("gproxy.error")
-
-# RFC 9110 9.2.2; nginx never re-sends POST, LOCK or PATCH (1.9.13).
-IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 _TOKEN_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:+/=")
 
 
-class UpstreamState:
+class UpstreamState(exchange.BackendSet):
     """One upstream inside one worker: its backends, policy, in-flight counts
     and (created lazily, so after fork) its Transport."""
 
@@ -79,7 +77,13 @@ class UpstreamState:
                 fields[0] = ("Host", _backend_host(self, i))
             yield i
 
-    def failed(self, i, kind="error"):
+    def started(self, i):
+        self.inflight[i] += 1
+
+    def finished(self, i):
+        self.inflight[i] -= 1
+
+    def failed(self, i, kind):
         # Eject here at once (nginx rules); tell the supervisor without waiting.
         self.passive.failure(i, time.monotonic())
         if self.reporter is not None:
@@ -94,139 +98,78 @@ class UpstreamState:
         return any(b.name == name and not self.available(i, now) for i, b in enumerate(self.backends))
 
 
-class Exchange:
-    """What is known about one request, for the logs and metrics."""
-
-    __slots__ = ("start", "method", "target", "protocol", "client", "host", "route",
-                 "upstream", "backend", "status", "bytes_in", "bytes_out", "retries",
-                 "request_id", "upstream_time", "error", "user_agent", "referer", "body",
-                 "upstream_start", "connect_time")
-
-    def __init__(self, environ):
-        self.start = time.time()
-        self.method = environ["REQUEST_METHOD"]
-        self.target = environ.get("RAW_URI") or environ.get("PATH_INFO", "/")
-        self.protocol = environ.get("SERVER_PROTOCOL", "HTTP/1.1")
-        self.client = environ.get("REMOTE_ADDR", "-")
-        self.host = environ.get("HTTP_HOST", "")
-        self.route = self.upstream = self.backend = None
-        self.status = 0
-        self.bytes_in = self.bytes_out = self.retries = 0
-        self.request_id = ""
-        self.upstream_time = None
-        self.error = None
-        self.user_agent = environ.get("HTTP_USER_AGENT", "")
-        self.referer = environ.get("HTTP_REFERER", "")
-        self.body = None
-        self.upstream_start = None     # monotonic, when the answering attempt began
-        self.connect_time = None       # seconds, when that attempt opened a connection
-
-    def record(self):
-        if self.body is not None:
-            self.bytes_in = self.body.nbytes
-        return {
-            "time": self.start, "client": self.client, "method": self.method,
-            "target": self.target, "protocol": self.protocol, "host": self.host,
-            "status": self.status, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-            "duration": round(time.time() - self.start, 6),
-            "upstream_time": None if self.upstream_time is None else round(self.upstream_time, 6),
-            "route": self.route, "upstream": self.upstream, "backend": self.backend,
-            "retries": self.retries, "request_id": self.request_id, "error": self.error,
-            "user_agent": self.user_agent, "referer": self.referer,
-        }
-
-
 class ProxyApp:
     def __init__(self, config, shared=None):
         self.config = config
         self.router = Router(config.routes)
         self.upstreams = {name: UpstreamState(u, shared) for name, u in config.upstreams.items()}
         self.trusted = tuple(config.trusted_proxies)
-        self.format_access = accesslog.setup(config.access_log)
         self._trust_cache = {}
         self.stats = stats.Stats(config.statsd)
-        self.forward_proxy = _forward.ForwardProxy(self, config)
-        self.upgrades = _upgrade.Upgrades(self, config.tunnel)
+        self.recorder = exchange.Recorder(config.access_log, self.stats)
+        self.forward_proxy = _forward.ForwardProxy(self.recorder, config)
+        self.upgrades = _upgrade.Upgrades(self.recorder, config.tunnel)
 
     # -- the story -----------------------------------------------------------
 
     def __call__(self, environ, start_response):
         ex = Exchange(environ)
         self.stats.request_started()
-        if self.forward_proxy.handles(ex):      # absolute-form and CONNECT
-            return self.forward_proxy(environ, start_response, ex)
+        request = downstream.request(environ)
         try:
-            route = self.classify_and_route(environ, ex)
+            route, target = self.classify_and_route(environ, ex, request)
+            if route is None:                       # absolute-form elsewhere, CONNECT
+                return self.forward_proxy(request, start_response, ex)
             up = self.upstreams[route.upstream]
-            body = self.admit(environ, route, ex)
-            fields = self.upstream_headers(environ, ex, up)
-            target = upstream_target(route, ex.target)
+            body = self.admit(request, route, ex)
+            fields = self.upstream_headers(environ, request, ex, up)
+            key = self.hash_key(environ, ex, up)
             if self.upgrades.requested(environ):    # WebSocket: a tunnel after the 101
-                return self.upgrades.relay(environ, start_response, ex, up, target, fields, body,
-                                           self.hash_key(environ, ex, up))
-            resp = self.forward(ex, up, target, fields, body, self.hash_key(environ, ex, up))
+                return self.upgrades.relay(request, start_response, ex, up, target, fields,
+                                           body, key)
+            attempt, resp = exchange.send(self.recorder, ex, up, key, target, fields, body,
+                                          up.cfg.passive.fail_status)
         except errors.ProxyError as e:
             return self.fail(e, ex, start_response)
-        ex.status = resp.status
-        try:
-            start_response(f"{resp.status} {resp.reason}", H.strip_hop_by_hop(resp.headers, H.RESPONSE_DROP))
-        except Exception as e:  # the server refuses a header it cannot write (e.g. a control byte)
-            Streamer(self, ex, up, resp).release()
-            return self.fail(errors.InvalidResponse(f"unwritable response header: {e!r}"), ex,
-                             start_response, sys.exc_info())
-        return Streamer(self, ex, up, resp)
+        return exchange.respond(self.recorder, ex, attempt, resp, start_response)
 
-    def classify_and_route(self, environ, ex):
+    def classify_and_route(self, environ, ex, request):
+        """(route, upstream target), or (None, None) for the forward proxy.
+
+        RFC 9112 3.2.2: a server MUST accept the absolute-form; its authority
+        replaces Host. It is a reverse request when the forward proxy is off,
+        or when a route names that host; otherwise the forward proxy's."""
         target = ex.target
+        if ex.method == "CONNECT":
+            return None, None
         if not target.startswith("/"):
-            # absolute-form and CONNECT belong to the forward proxy
-            raise errors.BadRequest("the request target must be a path")
-        path = target.split("?", 1)[0]
-        route = self.router.match(ex.host, path, ex.method)
+            authority, path = _split_absolute(target)
+            if authority is None:
+                raise errors.BadRequest("the request target must be a path or an absolute URI")
+            if self.forward_proxy.cfg.enabled and not self.router.names_host(authority):
+                return None, None
+            ex.host, target = authority, path
+        route = self.router.match(ex.host, target.split("?", 1)[0], ex.method)
         if route is None:
             raise errors.NoRoute()
         ex.route, ex.upstream = route.name, route.upstream
-        return route
+        return route, upstream_target(route, target)
 
-    def admit(self, environ, route, ex):
-        """The request body as a BodySource (or None); 413/501 refusals."""
-        te = environ.get("HTTP_TRANSFER_ENCODING")
-        wsgi_input = environ["wsgi.input"]
-        if te is not None:
-            if te.strip().lower() != "chunked":
-                raise errors.UnsupportedCoding()    # gunicorn lets "gzip, chunked" through
-            ex.body = BodySource(_chunked_pieces(wsgi_input), route.max_body)
-            return ex.body
-        length = environ.get("CONTENT_LENGTH")
-        if not length:
-            return None
-        n = int(length)     # gunicorn has validated it
-        if route.max_body is not None and n > route.max_body:
-            raise errors.BodyTooLarge()
-        if n == 0:
-            return None
-        ex.body = BodySource(_length_pieces(wsgi_input, n))
-        return ex.body
+    def admit(self, request, route, ex):
+        """The request body as a BodySource (or None); 413 refusals."""
+        return exchange.request_body(request, route.max_body, ex)
 
-    def upstream_headers(self, environ, ex, up):
-        """The request fields for the backend, Host first (``forward`` may
-        replace it), then the client's in order, then the forwarding ones."""
-        raw = environ.get("gproxy.headers") or getattr(environ["wsgi.input"], "gproxy_headers", None)
-        if raw is not None:
-            fields = [(H.title(n), v) for n, v in raw]
-        else:
-            fields = _environ_fields(environ)
-        fields = H.strip_hop_by_hop(fields, H.REQUEST_DROP)
-        host = None
+    def upstream_headers(self, environ, request, ex, up):
+        """The request fields for the backend, Host first (``exchange.send``
+        may replace it), then the client's in order, byte-exact, then the
+        forwarding ones."""
+        fields = H.strip_hop_by_hop(request.fields, H.REQUEST_DROP)
         out = [None]
         for field in fields:
-            if field[0] == "Host":
-                host = field[1]
-            else:
+            if field[0].lower() != "host":
                 out.append(field)
-        if not up.cfg.preserve_host or host is None:
-            host = None
-        out[0] = ("Host", host if host is not None else _backend_host(up, 0))
+        host = ex.host if up.cfg.preserve_host and ex.host else _backend_host(up, 0)
+        out[0] = ("Host", host)
         peer = ex.client
         trusted = self.is_trusted(peer)
         incoming_xff = environ.get("HTTP_X_FORWARDED_FOR")
@@ -243,65 +186,10 @@ class ProxyApp:
         out.append(("X-Request-Id", rid))
         return out
 
-    def forward(self, ex, up, target, fields, body, key):
-        """Send to a backend chosen by the policy; on a failure that is safe to
-        retry, try another backend (nginx ``proxy_next_upstream error timeout``)."""
-        method = ex.method
-        replayable = body is None and method in IDEMPOTENT
-        last = None
-        for i in up.attempts(key, ex, fields):
-            backend = up.backends[i]
-            up.inflight[i] += 1
-            t0 = time.monotonic()
-            try:
-                resp = up.transport.send(backend, method, target, fields, body, replayable)
-            except errors.ProxyError as e:
-                up.inflight[i] -= 1
-                ex.upstream_time = time.monotonic() - t0
-                if not e.backend_fault:
-                    raise
-                up.failed(i, e.kind)
-                self.upstream_failed(ex, e, ex.upstream_time)
-                last = e
-                if not ((e.never_sent and not (body and body.started)) or replayable):
-                    raise
-                continue
-            ex.upstream_time = time.monotonic() - t0
-            ex.upstream_start, ex.connect_time = t0, resp.connect_time
-            resp.index = i
-            if resp.status in up.cfg.passive.fail_status:
-                up.failed(i, f"status_{resp.status}")   # counted, still relayed (no retry)
-            return resp
-        raise last or errors.NoBackend(f"no available backend in upstream {up.name}")
-
-    def respond_error_body(self, e):
-        return (e.body + "\n").encode() if e.body else b""
-
     def fail(self, e, ex, start_response, exc_info=None):
-        ex.status = e.status
-        ex.error = ex.error or e.kind
-        if isinstance(e, errors.ClientAbort):
-            # Nothing can reach the client; answer 400 on the wire, log 499.
-            status_line, body = "400 Bad Request", b""
-        else:
-            status_line, body = e.status_line, self.respond_error_body(e)
-        start_response(status_line, [("Content-Type", "text/plain; charset=utf-8"),
-                                     ("Content-Length", str(len(body)))], exc_info)
-        ex.bytes_out = len(body)
-        return Finished(self, ex, body)
+        return exchange.fail(self.recorder, e, ex, start_response, exc_info)
 
     # -- helpers ---------------------------------------------------------------
-
-    def upstream_failed(self, ex, e, elapsed):
-        ex.error = e.kind
-        log.warning("upstream %s: route=%s upstream=%s backend=%s after=%.3fs request_id=%s: %s",
-                    e.kind, ex.route, ex.upstream, ex.backend, elapsed, ex.request_id, e,
-                    extra={"fields": {"event": "upstream_failed", "kind": e.kind, "route": ex.route,
-                                      "upstream": ex.upstream, "backend": ex.backend,
-                                      "after": round(elapsed, 6), "request_id": ex.request_id}})
-        up = self.upstreams.get(ex.upstream)     # None for the forward proxy
-        self.stats.attempt_failed(ex.upstream, ex.backend, e.kind,
-                                  up is not None and up.ejected(ex.backend))
 
     def is_trusted(self, addr):
         if not self.trusted:
@@ -333,112 +221,20 @@ class ProxyApp:
             v = ex.target
         return v.encode("utf-8", "surrogateescape") if v else None
 
-    def record(self, ex):
-        if self.format_access is not None:
-            accesslog.access(self.format_access(ex.record()))
-        self.stats.record(ex)
 
-
-class Streamer:
-    """The response body iterable handed to gunicorn. Its ``close()`` (called
-    by gunicorn in every case) returns the connection and writes the log."""
-
-    __slots__ = ("app", "ex", "up", "resp")
-
-    def __init__(self, app, ex, up, resp):
-        self.app, self.ex, self.up, self.resp = app, ex, up, resp
-
-    def __iter__(self):
-        ex = self.ex
-        try:
-            for piece in self.resp.body():
-                ex.bytes_out += len(piece)
-                yield piece
-        except errors.ProxyError as e:
-            self.up.failed(self.resp.index, e.kind)
-            self.app.upstream_failed(ex, e, time.time() - ex.start)
-            # Never complete a broken response (nginx closes the connection).
-            # An OSError makes gunicorn close the socket without the final
-            # chunk and without logging a traceback for it.
-            raise ConnectionResetError(errno.ECONNRESET, f"upstream {e.kind} mid-body") from e
-
-    def release(self):
-        self.resp.close()
-        self.up.inflight[self.resp.index] -= 1
-
-    def close(self):
-        ex, resp = self.ex, self.resp
-        self.release()
-        if resp.completed:
-            self.up.succeeded(resp.index)
-        elif ex.error is None:
-            ex.status, ex.error = 499, "client_abort"   # the client went away
-        self.app.record(ex)
-
-
-class Finished:
-    """A short body the proxy wrote itself (errors)."""
-
-    __slots__ = ("app", "ex", "body")
-
-    def __init__(self, app, ex, body):
-        self.app, self.ex, self.body = app, ex, body
-
-    def __iter__(self):
-        yield self.body
-
-    def close(self):
-        self.app.record(self.ex)
-
-
-# -- request bodies and headers ------------------------------------------------
-
-def _chunked_pieces(wsgi_input):
-    """Each chunk as it arrives. ``Body.read(n)`` would wait for n bytes
-    (benoitc/gunicorn#605), so iterate gunicorn's chunk parser when it has one
-    (gunicorn 27.0; pinned), else fall back to read()."""
-    parser = getattr(getattr(wsgi_input, "reader", None), "parser", None)
-    if parser is not None and hasattr(parser, "__next__"):
-        for piece in parser:
-            if piece:
-                yield piece
-        return
-    if hasattr(wsgi_input, "chunk_length"):
-        # gevent.pywsgi.Input: read(n) would also wait for n bytes; ask for
-        # the rest of the current chunk (1 byte at a chunk boundary).
-        while True:
-            left = wsgi_input.chunk_length - wsgi_input.position
-            piece = wsgi_input.read(min(left, CHUNK) if left > 0 else 1)
-            if not piece:
-                return
-            yield piece
-    while True:
-        piece = wsgi_input.read(CHUNK)
-        if not piece:
-            return
-        yield piece
-
-
-def _length_pieces(wsgi_input, n):
-    while n > 0:
-        piece = wsgi_input.read(min(CHUNK, n))
-        if not piece:
-            raise errors.ClientAbort("request body ended early")
-        n -= len(piece)
-        yield piece
-
-
-def _environ_fields(environ):
-    """Request header fields from a plain WSGI environ (repeats already joined)."""
-    out = []
-    for k, v in environ.items():
-        if k.startswith("HTTP_"):
-            out.append((H.title(k[5:].replace("_", "-")), v))
-    if environ.get("CONTENT_TYPE"):
-        out.append(("Content-Type", environ["CONTENT_TYPE"]))
-    if environ.get("CONTENT_LENGTH"):
-        out.append(("Content-Length", environ["CONTENT_LENGTH"]))
-    return out
+def _split_absolute(target):
+    """(authority, origin-form target) of an absolute-form http(s) URI, or
+    (None, None)."""
+    scheme, sep, rest = target.partition("://")
+    if not sep or scheme.lower() not in ("http", "https"):
+        return None, None
+    authority, slash, path = rest.partition("/")
+    authority = authority.rpartition("@")[2]
+    path, q, query = (slash + path).partition("?")
+    path = path or "/"
+    if not authority:
+        return None, None
+    return authority, path + q + query
 
 
 def _backend_host(up, i):

@@ -37,6 +37,12 @@ class Router:
                 self.exact.setdefault(split_host(r.host), []).append(r)
         self.wildcard = sorted(wild.items(), key=lambda kv: -len(kv[0]))
 
+    def names_host(self, host):
+        """True when a route is written for this host (exactly or by a
+        ``*.suffix``); routes with no host do not count."""
+        h = split_host(host)
+        return h in self.exact or any(h.endswith(suffix) for suffix, _ in self.wildcard)
+
     def match(self, host, path, method):
         """The route for (Host header, raw path, method), or None."""
         h = split_host(host)

@@ -27,8 +27,8 @@ Rule 4: it exits when the arbiter dies (PR_SET_PDEATHSIG, and a getppid()
 
 import argparse
 import ctypes
+import dataclasses
 import hashlib
-import http.client
 import logging
 import os
 import shutil
@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 
-from . import __version__, config, logs
+from . import __version__, config, errors, logs
 from .errors import ConfigError
 from .health import ActiveHealth, SharedPassive
 from .healthtable import FailureReceiver, TableFull, TableWriter, encode, failures_path, table_path
@@ -131,33 +131,33 @@ class BackendHealth:
 
 # --- active checks -----------------------------------------------------------------
 
-def probe(backend, hc):
+def check_session(upstream):
+    """A requests Session for one checker thread, with gproxy's adapter (the
+    one HTTP/1.1 client, the upstream's TLS settings) and the check's timeout
+    for every phase."""
+    from . import transport     # requests: imported in the supervisor only, never the arbiter
+    t = upstream.health_check.check_timeout
+    cfg = dataclasses.replace(upstream, timeouts=config.Timeouts(connect=t, response_header=t,
+                                                                 idle=t, total=t),
+                              pool=config.Pool(max_idle_per_backend=1))
+    return transport.session(cfg)
+
+
+def probe(session, backend, hc):
     """One HTTP check: (ok, status or None, seconds, detail)."""
     t0 = time.monotonic()
-    status = None
-    if backend.scheme == "https":
-        import ssl      # not a gevent process: importing ssl here is safe
-        conn = http.client.HTTPSConnection(backend.host, backend.port, timeout=hc.check_timeout,
-                                           context=ssl.create_default_context())
-    else:
-        conn = http.client.HTTPConnection(backend.host, backend.port, timeout=hc.check_timeout)
     try:
-        conn.putrequest("GET", hc.path, skip_host=True, skip_accept_encoding=True)
-        conn.putheader("Host", hc.host or backend.name)
-        conn.putheader("User-Agent", f"gproxy-health-check/{__version__}")
-        conn.putheader("Connection", "close")
-        conn.endheaders()
-        resp = conn.getresponse()
-        status = resp.status
-        resp.read(65536)
-    except TimeoutError:
-        return False, status, time.monotonic() - t0, f"timeout after {hc.check_timeout:g}s"
-    except http.client.HTTPException as e:
-        return False, status, time.monotonic() - t0, f"invalid response: {type(e).__name__} {e}"
-    except OSError as e:
-        return False, status, time.monotonic() - t0, f"connect error: {e.strerror or e}"
-    finally:
-        conn.close()
+        r = session.get(backend.url + hc.path, stream=True, timeout=(hc.check_timeout,) * 2,
+                        headers={"Host": hc.host or backend.name, "Connection": "close",
+                                 "User-Agent": f"gproxy-health-check/{__version__}"})
+        r.close()
+    except errors.UpstreamTimeout:
+        return False, None, time.monotonic() - t0, f"timeout after {hc.check_timeout:g}s"
+    except errors.InvalidResponse as e:
+        return False, None, time.monotonic() - t0, f"invalid response: {e}"
+    except errors.ProxyError as e:
+        return False, None, time.monotonic() - t0, f"connect error: {e}"
+    status = r.status_code
     lo, hi = hc.expect
     ok = lo <= status <= hi
     detail = f"status {status}" + ("" if ok else f", expected {lo}-{hi}")
@@ -167,16 +167,17 @@ def probe(backend, hc):
 class Checker(threading.Thread):
     """Checks one backend every ``interval`` (start to start)."""
 
-    def __init__(self, sup, key, backend, hc):
+    def __init__(self, sup, key, backend, upstream):
         super().__init__(name=f"check_{key[0]}_{key[1]}", daemon=True)
-        self.sup, self.key, self.backend, self.hc = sup, key, backend, hc
+        self.sup, self.key, self.backend, self.hc = sup, key, backend, upstream.health_check
+        self.session = check_session(upstream)
         self.stopped = threading.Event()
 
     def run(self):
         next_at = time.monotonic()
         while not self.stopped.wait(max(0.0, next_at - time.monotonic())):
             next_at = time.monotonic() + self.hc.interval
-            result = probe(self.backend, self.hc)
+            result = probe(self.session, self.backend, self.hc)
             self.sup.check_result(self, *result)
 
 
@@ -232,7 +233,7 @@ class Supervisor:
             for up in cfg.upstreams.values():
                 if up.health_check:
                     for b in up.backends:
-                        c = self.checkers[(up.name, b.name)] = Checker(self, (up.name, b.name), b, up.health_check)
+                        c = self.checkers[(up.name, b.name)] = Checker(self, (up.name, b.name), b, up)
                         c.start()
             self.counts = {u: n for u, n in self.counts.items() if u in cfg.upstreams}
             admin_changed = self.cfg is None or self.cfg.admin != cfg.admin

@@ -1,15 +1,16 @@
 """Transport: send one request to one backend and stream the answer back.
 
-The only module that touches ``requests``/``urllib3``. Its interface is small
-on purpose (``Transport.send`` -> ``UpstreamResponse``), so what sits under
-the Session (the mounted adapter) can be measured and swapped without the
-proxy noticing.
+Every upstream exchange goes through here and ``h1`` (http and https
+backends, Upgrade requests, the forward proxy's origins, the supervisor's
+health checks). Its interface is small on purpose (``Transport.send`` ->
+``Response``), and each upstream keeps a pooled ``requests.Session`` with
+gproxy's ``Adapter`` mounted for both schemes, so what sits under the
+Session can be measured and swapped without the handlers noticing.
 
 Rules:
-1. Transparent: no User-Agent, Accept-Encoding, Accept, cookies, .netrc
-   credentials or environment proxies are added (``trust_env`` off, an empty
-   cookie policy, ``SKIP_HEADER``); no redirect is followed; the request
-   target is sent byte-exact (requests would re-quote it: psf/requests#4003).
+1. Transparent: nothing is added to the request but its framing (no
+   User-Agent, Accept-Encoding, cookies, .netrc credentials or environment
+   proxies); no redirect is followed; the request target is sent byte-exact.
 2. Bodies stream both ways in pieces of at most ``CHUNK`` bytes; a body is
    never decoded (gzip stays gzip) and never buffered whole.
 3. Every failure leaves as a ``ProxyError`` subclass that says what failed
@@ -21,29 +22,19 @@ Rules:
 """
 
 import http.client
-import logging
 import socket
+import ssl
 import time
 from collections import OrderedDict
 from http.cookiejar import DefaultCookiePolicy
 
 import requests
-import urllib3
-from requests.adapters import BaseAdapter, HTTPAdapter
-from urllib3.exceptions import (
-    ConnectTimeoutError, IncompleteRead, InvalidChunkLength, NewConnectionError,
-    ProtocolError, ReadTimeoutError,
-)
-from urllib3 import HTTPHeaderDict
-from urllib3.util import SKIP_HEADER
+from requests.adapters import BaseAdapter
+from requests.structures import CaseInsensitiveDict
 
 from . import errors, h1
 
 CHUNK = 65536   # 64 KiB reads: large enough for 1+ GiB/s on loopback
-
-# A pool that is full is normal under bursts (block=False opens and then
-# discards the extra connection); one warning per request would flood the log.
-logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 
 
 def _next_read_timeout(deadline, idle):
@@ -55,71 +46,57 @@ def _next_read_timeout(deadline, idle):
     return min(idle, left)
 
 
-class UpstreamResponse:
+class Response:
     """The status, every header field in order (repeats kept), and the body."""
 
-    __slots__ = ("status", "reason", "headers", "_resp", "_raw", "_deadline",
-                 "_idle", "completed", "index", "_conn", "connect_time")
+    __slots__ = ("status", "reason", "headers", "completed", "_conn", "_pool",
+                 "_mode", "_length", "_keep", "_idle", "_deadline", "connect_time")
 
-    def __init__(self, resp, idle, deadline):
-        self._resp = resp
-        self._raw = raw = resp.raw
-        self.status = raw.status
-        self.reason = raw.reason or http.client.responses.get(raw.status, "")
-        self.headers = list(raw.headers.items())
-        self._idle = idle
-        self._deadline = deadline
-        self.completed = False
-        self.index = None
-        self.connect_time = None    # seconds, when this request opened a new connection
-        self._conn = conn = raw.connection
-        if conn is not None and conn.sock is not None:
-            conn.sock.settimeout(idle)     # between body reads, not total
+    def __init__(self, conn, pool, status, reason, fields, mode, length, keep, idle, deadline):
+        self.status, self.reason, self.headers = status, reason, fields
+        self._conn, self._pool = conn, pool
+        self._mode, self._length, self._keep = mode, length, keep
+        self._idle, self._deadline = idle, deadline
+        self.completed = mode == "none"
+        self.connect_time = conn.connect_time   # seconds, when this request opened the connection
+        conn.sock.settimeout(idle)          # between body reads, not total
 
     def body(self):
         """Yield the body as it arrives; raise a ProxyError if it breaks off."""
-        raw = self._raw
+        mode = self._mode
+        if mode == "none":
+            return
+        b = h1.Body(self._conn, CHUNK, self._check_deadline)
+        pieces = b.length(self._length) if mode == "length" else \
+            b.chunked() if mode == "chunked" else b.until_close()
         try:
-            if raw.chunked and raw.supports_chunked_reads():
-                # urllib3 removes the chunk framing; gunicorn adds its own.
-                for piece in raw.read_chunked(CHUNK, decode_content=False):
-                    self._check_deadline()
-                    yield piece
-            else:
-                read1 = raw.read1
-                while True:
-                    self._check_deadline()
-                    # read1, not read: hand on what has arrived instead of
-                    # waiting for a full CHUNK (streams, server-sent events).
-                    piece = read1(CHUNK, decode_content=False)
-                    if not piece:
-                        break
-                    yield piece
-        except (ReadTimeoutError, socket.timeout, TimeoutError) as e:
+            yield from pieces
+        except (socket.timeout, TimeoutError) as e:
             raise errors.UpstreamTimeout(f"idle for more than {self._idle:g}s mid-body") from e
-        except (IncompleteRead, InvalidChunkLength, ProtocolError, http.client.HTTPException) as e:
-            raise errors.UpstreamReset(f"body broke off: {_describe(e)}") from e
-        except OSError as e:
+        except (h1.Broken, OSError) as e:
             raise errors.UpstreamReset(f"body broke off: {_describe(e)}") from e
         self.completed = True
 
     def _check_deadline(self):
         if self._deadline is not None:
-            wait = _next_read_timeout(self._deadline, self._idle)
-            conn = self._raw.connection
-            if conn is not None and conn.sock is not None:
-                conn.sock.settimeout(wait)
+            self._conn.sock.settimeout(_next_read_timeout(self._deadline, self._idle))
+
+    def detach(self):
+        """(socket, bytes the backend sent behind its head): the connection
+        after a 101, for the tunnel; it never goes back to the pool."""
+        conn, self._conn = self._conn, None
+        return conn.detach()
 
     def close(self):
-        """Give the connection back to the pool, or drop it if the body was
-        not read to its end (its framing is then unknown)."""
-        raw = self._raw
-        if not self.completed:
-            raw.close()
-        if self._conn is not None:
-            # read by ExactAdapter.send (the body's end may have returned it already)
-            self._conn.idle_since = time.monotonic()
-        raw.release_conn()
+        """Give the connection back to the pool when the response was read
+        to its end, nothing follows it and the backend keeps it open."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self.completed and self._keep and not conn.buf and self.status != 101:
+            self._pool.put(conn)
+        else:
+            conn.close()
 
 
 class BodySource:
@@ -144,7 +121,8 @@ class BodySource:
                     self.failed = errors.BodyTooLarge()
                     raise self.failed
                 yield piece
-        except errors.ProxyError:
+        except errors.ProxyError as e:
+            self.failed = e
             raise
         except Exception as e:     # the client went away or sent a broken body
             self.failed = errors.ClientAbort(f"request body: {_describe(e)}")
@@ -153,190 +131,77 @@ class BodySource:
 
 def _describe(e):
     """A short, one-line name for a low-level failure."""
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        inner = getattr(e, "reason", None)
-        if not isinstance(inner, BaseException):
-            inner = e.__cause__ or e.__context__
-        if not isinstance(inner, BaseException) or isinstance(e, errors.ProxyError):
-            break
-        if not isinstance(e, (urllib3.exceptions.HTTPError, requests.exceptions.RequestException)):
-            break
-        e = inner
+    while isinstance(e, (h1.ConnectFailed, h1.Stale)) and isinstance(e.__cause__, BaseException):
+        e = e.__cause__
     text = str(e)
-    if text.startswith("<") and ">: " in text:
-        text = text.split(">: ", 1)[1]
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-# Failures of a reused keep-alive connection before any response byte: the
-# backend closed it while idle (psf/requests#3458). Safe to replay once on a
-# fresh connection, for requests that may be replayed at all.
-_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+class Adapter(BaseAdapter):
+    """gproxy's requests adapter, mounted for http:// and https://: ``h1``
+    connections, what a proxy needs of HTTP/1.1 and nothing else.
+    ``Transport.send`` calls ``exchange`` directly (the handlers need the
+    field list and the streaming body, not a ``requests.Response``);
+    ``Session.send`` works too (the supervisor's health checks)."""
 
-
-class ExactAdapter(HTTPAdapter):
-    """A requests adapter that sends the request target byte-exact and maps
-    every failure to a ProxyError.
-
-    ``HTTPAdapter.send`` goes through ``urlopen``, which re-quotes the target
-    (``%2f`` -> ``%2F``, ``%zz`` -> ``%25zz``); this one takes a connection
-    from the same pool and writes the target as given.
-    """
-
-    def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
-        connect_timeout, read_timeout = timeout
-        backend = request.backend
-        pool = self.poolmanager.connection_from_host(backend.host, backend.port, backend.scheme)
-        body = request.body
-        chunked = body is not None and "Content-Length" not in request.headers
-        for attempt in (1, 2):
-            conn = pool._get_conn()
-            reused = conn.sock is not None
-            if reused and time.monotonic() - getattr(conn, "idle_since", time.monotonic()) > self.idle_timeout:
-                conn.close()        # idle longer than pool.idle_timeout: a fresh one
-                reused = False
-            try:
-                raw = self._exchange(pool, conn, request, connect_timeout, read_timeout, chunked)
-                break
-            except _STALE as e:
-                conn.close()
-                pool._put_conn(conn)
-                if body is not None and body.failed is not None:
-                    raise body.failed from e
-                if reused and attempt == 1 and request.replayable and not (body and body.started):
-                    continue
-                raise errors.UpstreamReset(_describe(e)) from e
-            except BaseException:
-                conn.close()
-                pool._put_conn(conn)
-                raise
-        return self.build_response(request, raw)
-
-    @staticmethod
-    def _exchange(pool, conn, request, connect_timeout, read_timeout, chunked):
-        body = request.body
-        if conn.sock is None:
-            conn.timeout = connect_timeout
-            t0 = time.monotonic()
-            try:
-                conn.connect()
-            except NewConnectionError as e:
-                raise errors.UpstreamConnectError(_describe(e)) from e
-            except (ConnectTimeoutError, socket.timeout, TimeoutError) as e:
-                raise errors.UpstreamConnectTimeout(f"connect: {_describe(e)}") from e
-            except OSError as e:
-                raise errors.UpstreamConnectError(_describe(e)) from e
-            request.connect_time = time.monotonic() - t0
-        try:
-            conn.request(request.method, request.target, body=body, headers=request.headers,
-                         chunked=chunked, preload_content=False, decode_content=False,
-                         enforce_content_length=True)
-        except errors.ProxyError:
-            raise
-        except (BrokenPipeError, ConnectionResetError):
-            # The backend stopped reading (it may have answered early, e.g.
-            # 413): read its response, as urllib3 does.
-            if body is not None and body.failed is not None:
-                raise body.failed
-        conn.timeout = read_timeout
-        conn.sock.settimeout(read_timeout)
-        try:
-            raw = conn.getresponse()
-        except _STALE:
-            raise
-        except (socket.timeout, TimeoutError) as e:
-            raise errors.UpstreamTimeout(f"no response header within {read_timeout:g}s") from e
-        except (http.client.HTTPException, ValueError) as e:
-            raise errors.InvalidResponse(_describe(e)) from e
-        except OSError as e:
-            raise errors.UpstreamReset(_describe(e)) from e
-        raw._connection = conn
-        raw._pool = pool
-        return raw
-
-
-class LeanResponse:
-    """An UpstreamResponse read by ``h1`` (same interface)."""
-
-    __slots__ = ("status", "reason", "headers", "completed", "index", "_conn", "_pool",
-                 "_mode", "_length", "_keep", "_idle", "_deadline", "connect_time")
-
-    def __init__(self, conn, pool, status, reason, fields, mode, length, keep, idle, deadline):
-        self.status, self.reason, self.headers = status, reason, fields
-        self._conn, self._pool = conn, pool
-        self._mode, self._length, self._keep = mode, length, keep
-        self._idle, self._deadline = idle, deadline
-        self.completed = mode == "none"
-        self.index = None
-        self.connect_time = conn.connect_time   # seconds, when this request opened the connection
-        conn.sock.settimeout(idle)          # between body reads, not total
-
-    def body(self):
-        """Yield the body as it arrives; raise a ProxyError if it breaks off."""
-        mode = self._mode
-        if mode == "none":
-            return
-        b = h1.Body(self._conn, CHUNK, self._check_deadline)
-        pieces = b.length(self._length) if mode == "length" else \
-            b.chunked() if mode == "chunked" else b.until_close()
-        try:
-            yield from pieces
-        except (socket.timeout, TimeoutError) as e:
-            raise errors.UpstreamTimeout(f"idle for more than {self._idle:g}s mid-body") from e
-        except (h1.Broken, OSError) as e:
-            raise errors.UpstreamReset(f"body broke off: {_describe(e)}") from e
-        self.completed = True
-
-    def _check_deadline(self):
-        if self._deadline is not None:
-            self._conn.sock.settimeout(_next_read_timeout(self._deadline, self._idle))
-
-    def close(self):
-        """Give the connection back to the pool when the response was read
-        to its end, nothing follows it and the backend keeps it open."""
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        if self.completed and self._keep and not conn.buf:
-            self._pool.put(conn)
-        else:
-            conn.close()
-
-
-class LeanAdapter(BaseAdapter):
-    """A requests adapter for plain-http backends on ``h1`` connections:
-    what the proxy needs of HTTP/1.1 and nothing else (see ``h1``).
-    ``Transport.send`` calls ``exchange`` directly; ``Session.send`` and
-    ``build_response`` (cookie extraction, header dictionaries) are skipped."""
-
-    def __init__(self, pool, timeouts, max_pools=None):
+    def __init__(self, pool, timeouts, max_pools=None, tls=None):
         super().__init__()
         self.timeouts = timeouts
         self.max_idle, self.idle_timeout = pool.max_idle_per_backend, pool.idle_timeout
         self.pools = OrderedDict()      # backend name -> h1.Pool, least recently used first
         self.max_pools = max_pools      # None: one per configured backend, never evicted
+        self.tls = tls                  # upstream TLS settings (config.Tls), None: defaults
+        self._context = None
 
     def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
-        """For ``Session.send`` of a request prepared as ``Transport.send``
-        does for ExactAdapter; returns a LeanResponse, not a requests.Response."""
+        """``Session.send``: the request's URL names the backend."""
+        backend = backend_of(request.url)
+        target = request.path_url
         t = self.timeouts
-        return self.exchange(request.backend, request.method, request.target,
-                             list(request.headers.items()), request.body, request.replayable,
-                             t, t.response_header, None)
+        header_wait = timeout[1] if isinstance(timeout, tuple) else (timeout or t.response_header)
+        body = None
+        if request.body:
+            data = request.body if isinstance(request.body, bytes) else request.body.encode()
+            body = BodySource(iter((data,)))
+        fields = [("Host", request.headers.get("Host") or backend.name)]
+        fields += [(n, v) for n, v in request.headers.items() if n.lower() != "host"]
+        deadline = time.monotonic() + t.total if t.total else None
+        resp = self.exchange(backend, request.method, target, fields, body, True, t,
+                             header_wait, deadline)
+        out = requests.Response()
+        out.status_code, out.reason = resp.status, resp.reason
+        out.headers = CaseInsensitiveDict(resp.headers)
+        out.url, out.request, out.raw = request.url, request, resp
+        if not stream:
+            out._content = b"".join(resp.body())
+            resp.close()
+        return out
 
     def close(self):
         for p in self.pools.values():
             while p.idle:
                 p.idle.pop().close()
 
+    def context(self):
+        """The TLS context for https backends: verified, system CAs (or the
+        configured file), made once."""
+        if self._context is None:
+            tls = self.tls
+            ctx = ssl.create_default_context(cafile=tls.ca_file if tls else None)
+            if tls is not None and not tls.verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._context = ctx
+        return self._context
+
     def pool(self, backend):
         pools = self.pools
         p = pools.get(backend.name)
         if p is None:
-            p = pools[backend.name] = h1.Pool(backend.host, backend.port,
-                                              max(self.max_idle, 1), self.idle_timeout)
+            tls = self.context() if backend.scheme == "https" else None
+            name = self.tls.server_name if self.tls is not None and self.tls.server_name else None
+            p = pools[backend.name] = h1.Pool(backend.host, backend.port, max(self.max_idle, 1),
+                                              self.idle_timeout, tls, name)
             if self.max_pools is not None and len(pools) > self.max_pools:
                 _, old = pools.popitem(last=False)      # the least recently used
                 while old.idle:
@@ -347,9 +212,9 @@ class LeanAdapter(BaseAdapter):
 
     def exchange(self, backend, method, target, fields, body, replayable, t, header_wait, deadline):
         pool = self.pool(backend)
-        chunked = body is not None and not any(n.lower() == "content-length" for n, _ in fields)
-        if body is None and method in h1.BODY_METHODS and \
-                not any(n.lower() == "content-length" for n, _ in fields):
+        has_length = any(n.lower() == "content-length" for n, _ in fields)
+        chunked = body is not None and not has_length
+        if body is None and method in h1.BODY_METHODS and not has_length:
             fields = fields + [("Content-Length", "0")]
         head = h1.request_head(method, target, fields, chunked)
         for attempt in (1, 2):
@@ -378,17 +243,15 @@ class LeanAdapter(BaseAdapter):
             cause = e.__cause__
             if isinstance(cause, (socket.timeout, TimeoutError)):
                 raise errors.UpstreamConnectTimeout(f"connect: {_describe(cause)}") from e
-            raise errors.UpstreamConnectError(_describe(cause)) from e
+            raise errors.UpstreamConnectError(_describe(e)) from e
 
     @staticmethod
     def _roundtrip(conn, pool, head, method, body, chunked, header_wait, idle, deadline):
         sock = conn.sock
         sock.settimeout(header_wait)
         try:
-            if body is None:
-                sock.sendall(head)
-            else:
-                sock.sendall(head)
+            sock.sendall(head)
+            if body is not None:
                 h1.send_body(sock, body, chunked)
         except errors.ProxyError:
             raise
@@ -418,8 +281,35 @@ class LeanAdapter(BaseAdapter):
             # RFC 9112 6.3: a Content-Length beside Transfer-Encoding is
             # removed before forwarding (the body is re-framed downstream)
             fields = [f for f in fields if f[0].lower() != "content-length"]
-        return LeanResponse(conn, pool, status, reason or http.client.responses.get(status, ""),
-                            fields, mode, length, keep, idle, deadline)
+        return Response(conn, pool, status, reason or http.client.responses.get(status, ""),
+                        fields, mode, length, keep, idle, deadline)
+
+
+def backend_of(url):
+    """A ``config.Backend`` for a URL (``Session.send`` callers)."""
+    from urllib.parse import urlsplit
+    from .config import Backend
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname
+    name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return Backend(url=f"{parts.scheme}://{name}", scheme=parts.scheme, host=parts.hostname,
+                   port=port, name=name)
+
+
+def session(upstream, pools=None):
+    """A requests Session with gproxy's adapter mounted for both schemes:
+    no environment proxies or .netrc, no default headers, no cookies kept,
+    no redirects."""
+    s = requests.Session()
+    s.trust_env = False
+    s.headers.clear()
+    s.max_redirects = 0
+    s.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # store nothing
+    adapter = Adapter(upstream.pool, upstream.timeouts, pools, getattr(upstream, "tls", None))
+    s.mount("http://", adapter)
+    s.mount("https://", adapter)
+    return s
 
 
 class Transport:
@@ -429,23 +319,12 @@ class Transport:
         """``pools``: how many per-backend pools to keep (an LRU; the least
         recently used is closed first); default one per configured backend."""
         self.timeouts = upstream.timeouts
-        s = requests.Session()
-        s.trust_env = False                 # no env proxies, no .netrc
-        s.headers.clear()                   # no default User-Agent, Accept, ...
-        s.max_redirects = 0
-        s.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # store nothing
-        adapter = ExactAdapter(pool_connections=pools or max(len(upstream.backends), 1),
-                               pool_maxsize=max(upstream.pool.max_idle_per_backend, 1),
-                               pool_block=False, max_retries=0)
-        adapter.idle_timeout = upstream.pool.idle_timeout
-        s.mount("https://", adapter)
-        s.mount("http://", LeanAdapter(upstream.pool, upstream.timeouts, pools))
-        self.session = s
-        self.lean = s.get_adapter("http://")
+        self.session = session(upstream, pools)
+        self.adapter = self.session.get_adapter("http://")
 
     def send(self, backend, method, target, headers, body=None, replayable=False):
-        """Send ``method target`` to ``backend``; return an UpstreamResponse
-        once the response header is in, or raise a ProxyError.
+        """Send ``method target`` to ``backend``; return a Response once the
+        response header is in, or raise a ProxyError.
 
         ``headers`` is a list of (name, value) pairs, repeats kept, in order;
         ``body`` None or a BodySource; ``replayable`` whether the request may
@@ -453,27 +332,5 @@ class Transport:
         t = self.timeouts
         deadline = time.monotonic() + t.total if t.total else None
         header_wait = min(t.response_header, t.total) if t.total else t.response_header
-        if backend.scheme == "http":
-            return self.lean.exchange(backend, method, target, headers, body, replayable,
-                                      t, header_wait, deadline)
-        headers = HTTPHeaderDict(headers)
-        for name in ("User-Agent", "Accept-Encoding"):
-            if name not in headers:
-                headers[name] = SKIP_HEADER    # urllib3/http.client add none
-        prep = requests.PreparedRequest()
-        prep.method = method
-        prep.url = backend.url + target
-        prep.target = target                # what goes on the wire, byte-exact
-        prep.backend = backend
-        prep.replayable = replayable
-        prep.headers = headers
-        prep.body = body
-        prep.hooks = {"response": []}
-        prep._cookies = None
-        prep._body_position = None
-        prep.connect_time = None
-        resp = self.session.send(prep, stream=True, timeout=(t.connect, header_wait),
-                                 allow_redirects=False)
-        out = UpstreamResponse(resp, t.idle, deadline)
-        out.connect_time = prep.connect_time
-        return out
+        return self.adapter.exchange(backend, method, target, headers, body, replayable,
+                                     t, header_wait, deadline)

@@ -8,7 +8,7 @@ handlers created here belong to this worker alone.
 import logging
 import sys
 
-from . import __version__, config, lifecycle, logs, proxy
+from . import config, lifecycle, logs, proxy
 
 
 def _setup_error_log():
@@ -21,18 +21,7 @@ def _setup_error_log():
         log.propagate = False
 
 
-def _name_server():
-    # gunicorn writes its own Server header (and drops the upstream's, as
-    # nginx hides it too); say who answered.
-    try:
-        import gunicorn.http.wsgi as gw
-        gw.SERVER = f"gproxy/{__version__}"
-    except ImportError:
-        pass
-
-
 _setup_error_log()
-_name_server()
 # The arbiter's last good config (inherited at fork), so a HUP with a broken
 # file keeps serving the old one; the file when run without gunicorn.conf.py.
 _config = lifecycle.CONFIG or config.load()

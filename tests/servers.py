@@ -103,8 +103,10 @@ class Backend:
     anything else    200 "ok <name>"
     """
 
-    def __init__(self, name="b"):
+    def __init__(self, name="b", tls=None):
+        """``tls``: a server-side ``ssl.SSLContext`` for an https backend."""
         self.name = name
+        self.tls = tls
         self.received = []
         self.connections = 0
         self.health_status = 200
@@ -116,7 +118,7 @@ class Backend:
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(1024)
         self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.open_socks = set()
         self.running = True
         threading.Thread(target=self._accept, daemon=True, name=f"backend-{name}").start()
@@ -150,6 +152,13 @@ class Backend:
             threading.Thread(target=self._serve, args=(s, cid), daemon=True).start()
 
     def _serve(self, s, cid):
+        raw = s
+        try:
+            if self.tls is not None:
+                s = self.tls.wrap_socket(s, server_side=True)
+        except OSError:
+            s.close()
+            return
         conn = _Conn(s)
         try:
             while self.running:
@@ -163,7 +172,7 @@ class Backend:
         except (EOFError, OSError):
             return
         finally:
-            self.open_socks.discard(s)
+            self.open_socks.discard(raw)
             try:
                 s.close()
             except OSError:

@@ -248,8 +248,11 @@ def test_loop_to_the_proxy_itself_is_refused(gproxy, backends):
     assert [x.target for x in b.received] == ["/x"]
 
 
-def test_forward_proxy_disabled_refuses_absolute_form_and_connect(gproxy, backends, echo):
-    b, = backends(1)
+def test_forward_proxy_disabled_refuses_connect_and_routes_absolute_form(gproxy, backends, echo):
+    """With the forward proxy off, CONNECT is refused and an absolute-form
+    request is a reverse request for its authority (RFC 9112 3.2.2), never
+    sent to the host it names."""
+    b, other = backends(2)
     g = gproxy(f"""
 listen: ["127.0.0.1:{{port}}"]
 workers: 1
@@ -257,9 +260,11 @@ upstreams:
   web: {{backends: ["{b.url}"]}}
 routes: [{{upstream: web}}]
 """)
-    refused(g, get_via(f"{b.url}/x"), "forward_disabled")
     refused(g, connect_to(echo.port), "forward_disabled")
-    assert b.connections == 0 and echo.accepted == 0
+    out = raw_request(g.port, get_via(f"{other.url}/x"))
+    assert out.startswith(b"HTTP/1.1 200"), out[:200]
+    assert [r.target for r in b.received] == ["/x"]
+    assert other.connections == 0 and echo.accepted == 0
 
 
 @pytest.mark.parametrize("target", ["ftp://127.0.0.1/x", "http://user:pw@127.0.0.1:1/x",

@@ -1,14 +1,10 @@
-"""The lean HTTP/1.1 client (gproxy.h1) as transcripts, the worker_class key,
-and the proxy end to end under the gevent_pywsgi worker."""
+"""The HTTP/1.1 client (gproxy.h1) as transcripts, and the worker_class key."""
 
-import socket
 
 import pytest
 
 from gproxy import config, h1
 from gproxy.errors import ConfigError
-from servers import raw_request
-from test_reverse_proxy import conf
 
 
 def test_request_head_is_written_byte_exact_in_order():
@@ -78,35 +74,7 @@ def test_short_length_body_raises_broken():
         list(h1.Body(c, 65536, lambda: None).length(10))
 
 
-PYWSGI = "worker_class: gevent_pywsgi\ntunnel: {upgrade_protocols: []}\n"
-
-
 def test_worker_class_key_is_checked():
-    assert config.parse(PYWSGI).worker_class == "gevent_pywsgi"
-    with pytest.raises(ConfigError, match=r":1: worker_class: gevent_pywsgi cannot carry CONNECT"):
-        config.parse("worker_class: gevent_pywsgi\n")      # WebSocket pass-through is on
-    with pytest.raises(ConfigError, match=r":1: worker_class: gevent_pywsgi cannot carry CONNECT"):
-        config.parse(PYWSGI + "forward_proxy: {enabled: true}\n")
-    assert config.parse("workers: 2\n").worker_class == "gevent"
-    with pytest.raises(ConfigError, match=r":1: worker_class: expected one of"):
-        config.parse("worker_class: sync\n")
-
-
-def test_proxy_under_the_pywsgi_worker(gproxy, backends):
-    b, = backends(1)
-    g = gproxy(conf(b, top=PYWSGI))
-    assert "Using worker: gproxy.pywsgi_worker.Worker" in g.stderr(), g.stderr()
-    out = raw_request(g.port, b"GET /dupheaders HTTP/1.1\r\nHost: x\r\nX-Dup: one\r\nX-Dup: two\r\n"
-                              b"Connection: close\r\n\r\n")
-    assert out.startswith(b"HTTP/1.1 200"), out[:200]
-    assert b.received[0].all("X-Dup") == ["one", "two"]
-    assert out.count(b"Set-Cookie:") == 2, out
-    with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
-        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                  b"Connection: close\r\n\r\n5\r\nhello\r\n")
-        s.sendall(b"6\r\n world\r\n0\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    assert data.endswith(b"hello world"), data
-    assert b.received[1].chunked and b.received[1].body == b"hello world"
+    assert config.parse("workers: 2\n").worker_class == "gproxy"
+    with pytest.raises(ConfigError, match=r":1: worker_class: expected one of gproxy, got 'gevent'"):
+        config.parse("worker_class: gevent\n")
