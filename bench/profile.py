@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where a gproxy worker's CPU goes, per proxied request.
 
-    python3 bench/profile.py [--seconds 10] [--proxy gproxy|gproxy-pywsgi]
+    python3 bench/profile.py [--seconds 10] [--proxy gproxy|gproxy-base]
 
 Starts the bench backend and one gproxy (2 workers), runs wrk (1 KiB, 50
 connections) while ``py-spy record`` samples both workers, then attributes
@@ -26,19 +26,20 @@ import run as bench  # noqa: E402
 # (category, substrings of "function (file)" frames), tried in this order
 # on each frame from the innermost outwards.
 CATEGORIES = [
-    ("logging", ("accesslog.py", "/logging/", "Exchange.record", "record (gproxy/proxy.py")),
+    ("logging", ("accesslog.py", "/logging/", "Exchange.record", "Recorder.record")),
     ("metrics", ("stats.py", "/statsd/")),
     ("routing", ("router.py", "classify_and_route")),
-    ("header handling", ("headers.py", "upstream_headers", "_environ_fields")),
-    ("transport (requests/urllib3/http.client)", ("transport.py", "/requests/", "/urllib3/",
-                                                  "http/client.py", "geventhttpclient")),
+    ("header handling", ("headers.py", "upstream_headers")),
+    ("transport: liveness peek", ("Conn.alive",)),
+    ("transport: h1 client (send, parse response, body)", ("transport.py", "h1.py")),
+    ("exchange: attempts, streaming", ("exchange.py",)),
     ("balancing, health, glue", ("balancer.py", "health.py", "gproxy/proxy.py")),
-    ("server: parse request, build environ", ("gunicorn/http/message.py", "gunicorn/http/parser.py",
-                                              "gunicorn/http/unreader.py", "gunicorn/http/body.py",
-                                              "wsgi.py:create", "create (gunicorn/http/wsgi.py",
-                                              "gevent/pywsgi.py")),
-    ("server: write response", ("gunicorn/http/wsgi.py",)),
-    ("server: connection loop", ("gunicorn/workers/",)),
+    ("server: parse request (llhttp), build environ", ("Connection.feed", "on_url", "on_header",
+                                                       "on_headers_complete", "on_message",
+                                                       "on_body", "downstream.py", "next_request")),
+    ("server: write response", ("Response.write", "Response.start_response", "Response.finish",
+                                "http_date")),
+    ("server: connection loop", ("gproxy/worker.py",)),
     ("event loop, greenlet switching", ("gevent/",)),
 ]
 
