@@ -34,6 +34,15 @@ from . import errors
 HANDLED = ()     # what a handler returns after take_over()
 
 
+class Refused(Exception):
+    """What the server refuses to read further: (status, why). The server
+    answers it and closes the connection."""
+
+    def __init__(self, status, why):
+        super().__init__(why)
+        self.status = status
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one client may send; defaults as nginx (config ``limits``)."""
@@ -147,7 +156,7 @@ class Request:
         conn, pieces = self.conn, self.pieces
         if self.expect_continue:
             self.expect_continue = False
-            if not self.complete or not pieces:
+            if not self.complete:
                 conn.sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         try:
             while True:
@@ -161,10 +170,8 @@ class Request:
             raise errors.RequestTimeout("client body timeout") from e
         except OSError as e:
             raise errors.ClientAbort(f"request body: {e.strerror or e}") from e
-        except Exception as e:
-            if type(e).__name__ == "Refused":
-                raise errors.BadRequest(f"request body: {e}") from e
-            raise
+        except Refused as e:
+            raise errors.BadRequest(f"request body: {e}") from e
 
     def has_body(self):
         return self.chunked or bool(self.content_length)

@@ -59,6 +59,7 @@ from gunicorn.sock import ssl_context
 from gunicorn.workers.ggevent import GeventWorker
 
 from . import __version__, downstream
+from .downstream import Refused
 
 SERVER = f"gproxy/{__version__}"
 RECV = 65536
@@ -79,14 +80,6 @@ def http_date(now=None):
         _date[0] = now
         _date[1] = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(now)).encode()
     return _date[1]
-
-
-class Refused(Exception):
-    """A request refused before the application saw it: (status, why)."""
-
-    def __init__(self, status, why):
-        super().__init__(why)
-        self.status = status
 
 
 class Worker(GeventWorker):
@@ -426,6 +419,7 @@ class Response:
         if self.chunked:
             out.append("Transfer-Encoding: chunked\r\n")
         if not keep or not request.complete:
+            self.keep = False       # said once, kept to
             out.append("Connection: close\r\n")
         elif request.version == "HTTP/1.0":
             out.append("Connection: keep-alive\r\n")
