@@ -63,6 +63,10 @@ from .downstream import Refused
 
 SERVER = f"gproxy/{__version__}"
 RECV = 65536
+# A keep-alive connection idle this long gives up its greenlet (and its
+# stack, most of what an idle connection costs) and waits on a watcher.
+PARK_AFTER = 1.0
+PARK = object()
 LINGER_TIME = 2.0       # nginx lingering_time is 30 s; we only drain a little
 LINGER_BYTES = 1 << 20
 NO_BODY_STATUS = frozenset((204, 304))
@@ -82,6 +86,14 @@ def http_date(now=None):
     return _date[1]
 
 
+class Server(StreamServer):
+    """gevent's StreamServer, except that the handler closes the client
+    socket itself (a parked connection outlives its handler)."""
+
+    def do_close(self, sock, *args):
+        pass
+
+
 class Worker(GeventWorker):
     """``worker_class: gproxy`` (gunicorn.conf.py). gunicorn's gevent worker
     with its own connection handler, and a stop that does not poll: a
@@ -96,6 +108,8 @@ class Worker(GeventWorker):
         self.limits = downstream.Limits.of(cfg)
         self.idle = set()           # connections waiting for their next request
         self.idle_closed = False
+        self.parked = set()         # idle keep-alive connections without a greenlet
+        self.resumed = Pool()       # greenlets of connections back from parking
         self.stopping = Event()
 
     def run(self):
@@ -103,20 +117,23 @@ class Worker(GeventWorker):
         servers = []
         for s in self.sockets:
             s.setblocking(1)
-            server = StreamServer(s, handle=partial(self.handle, s),
-                                  spawn=Pool(self.worker_connections), **ssl_args)
+            server = Server(s, handle=partial(self.handle, s),
+                            spawn=Pool(self.worker_connections), **ssl_args)
             if self.cfg.workers > 1:
                 server.max_accept = 1       # spread connections over the workers
             server.start()
             servers.append(server)
         while self.alive:
             self.notify()
+            self.sweep(time.monotonic())
             self.stopping.wait(1.0)
         for server in servers:
             server.close()              # stop accepting
         self.notify()                   # ends idle keep-alive connections
+        self.sweep(time.monotonic())
         deadline = time.monotonic() + self.cfg.graceful_timeout
-        while any(server.pool.free_count() != server.pool.size for server in servers):
+        while len(self.resumed) or any(server.pool.free_count() != server.pool.size
+                                       for server in servers):
             if time.monotonic() >= deadline:
                 self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
                 for server in servers:
@@ -131,13 +148,43 @@ class Worker(GeventWorker):
 
     def handle(self, listener, client, addr):
         client.setblocking(1)
-        conn = Connection(self, listener, client, addr)
+        self.serve(Connection(self, listener, client, addr))
+
+    def serve(self, conn):
+        parked = False
         try:
-            conn.serve()
+            parked = conn.serve()
         except Exception:
             self.log.exception("Error serving a connection")
         finally:
-            conn.close()
+            if parked:
+                self.park(conn)
+            else:
+                conn.close()
+
+    # -- parked keep-alive connections: a watcher each, no greenlet ---------------
+
+    def park(self, conn):
+        if conn.watcher is None:
+            conn.watcher = gevent.get_hub().loop.io(conn.sock.fileno(), 1)
+        conn.watcher.start(self.resume, conn)
+        self.parked.add(conn)
+
+    def resume(self, conn):
+        """Called by the hub when a parked connection has bytes (or closed)."""
+        conn.watcher.stop()
+        self.parked.discard(conn)
+        self.resumed.spawn(self.serve, conn)
+
+    def sweep(self, now):
+        """Close parked connections past the keep-alive timeout (or all, when
+        stopping); called once a second."""
+        keepalive = self.limits.keepalive
+        for conn in list(self.parked):
+            if not self.alive or now - conn.idle_since >= keepalive:
+                conn.watcher.stop()
+                self.parked.discard(conn)
+                conn.close()
 
     def notify(self):
         super().notify()
@@ -160,7 +207,8 @@ class Connection:
     heads and body pieces; ``serve`` answers the requests in order."""
 
     __slots__ = ("worker", "sock", "addr", "server", "limits", "parser", "ready",
-                 "parsing", "error", "rest", "upgraded", "closed", "head_bytes", "head_fed")
+                 "parsing", "error", "rest", "upgraded", "closed", "head_bytes", "head_fed",
+                 "idle_since", "watcher")
 
     def __init__(self, worker, listener, sock, addr):
         self.worker = worker
@@ -177,6 +225,8 @@ class Connection:
         self.closed = False
         self.head_bytes = 0                 # of the head being parsed, as parsed
         self.head_fed = 0                   # fed while that head was unfinished
+        self.idle_since = time.monotonic()  # waiting for a request since
+        self.watcher = None                 # readable-watcher while parked
 
     # -- llhttp callbacks (errors are raised as Refused and kept in .error) ----
 
@@ -249,49 +299,60 @@ class Connection:
         return self.sock.recv(RECV)
 
     def next_request(self):
-        """The next request whose head is complete, or None when the
-        connection is to end (closed, idle, refused: the refusal is sent)."""
+        """The next request whose head is complete; PARK when the connection
+        has been idle long enough to give up its greenlet; None when the
+        connection is to end (closed, idle too long, refused: the refusal is
+        sent)."""
         if self.ready:
             return self.ready.popleft()
         if self.error is not None or self.upgraded:
             return self.refused()
-        limits = self.limits
         deadline = None
-        waiting_idle = self.parsing is None
         while not self.ready:
             if self.error is not None:
                 return self.refused()
-            try:
-                if waiting_idle:
-                    if not self.worker.alive:
-                        return None
-                    self.worker.idle.add(self)
-                    try:
-                        data = self.recv(limits.keepalive)
-                    finally:
-                        self.worker.idle.discard(self)
-                    waiting_idle = False
-                else:
-                    if deadline is None:
-                        deadline = time.monotonic() + limits.header_timeout
+            if self.parsing is None:
+                data = self.wait_idle()
+                if data is None or data is PARK:
+                    return data
+            else:
+                if deadline is None:
+                    deadline = time.monotonic() + self.limits.header_timeout
+                try:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         raise socket.timeout
                     data = self.recv(left)
-            except (socket.timeout, TimeoutError):
-                if self.parsing is None:
-                    return None         # idle keep-alive connection: close quietly
-                self.error = Refused(408, "request header timeout")
-                return self.refused()
-            except OSError:
-                return None
-            if not data:
-                if self.parsing is not None:
+                except (socket.timeout, TimeoutError):
+                    self.error = Refused(408, "request header timeout")
+                    return self.refused()
+                except OSError:
+                    return None
+                if not data:
                     self.error = Refused(400, "connection closed inside a request head")
                     return self.refused()
-                return None
             self.feed(data)
         return self.ready.popleft()
+
+    def wait_idle(self):
+        """The first bytes of the next request; PARK after ``PARK_AFTER``
+        seconds of waiting, None at the keep-alive timeout or the end."""
+        worker = self.worker
+        if not worker.alive:
+            return None
+        left = self.idle_since + self.limits.keepalive - time.monotonic()
+        if left <= 0:
+            return None
+        worker.idle.add(self)
+        try:
+            data = self.recv(min(left, PARK_AFTER))
+        except (socket.timeout, TimeoutError):
+            return PARK if left > PARK_AFTER and worker.alive else None
+        except OSError:
+            return None
+        finally:
+            worker.idle.discard(self)
+        return data or None
 
     def read_body(self, request):
         """More of ``request``'s body into its ``pieces``; False at its end.
@@ -329,19 +390,24 @@ class Connection:
     # -- the loop ------------------------------------------------------------------
 
     def serve(self):
+        """Answer requests until the connection ends (False) or is parked
+        (True: it waits for its next request without a greenlet)."""
         worker = self.worker
         while True:
             request = self.next_request()
             if request is None:
-                return
+                return False
+            if request is PARK:
+                return True
             worker.request_done()
             keep = Response(self, request).run()
             if request.taken:
-                return
+                return False
             if not keep:
                 if not request.complete or self.ready or self.rest:
                     self.linger()   # unread input: a close now would reset the response
-                return
+                return False
+            self.idle_since = time.monotonic()
 
     def wake(self):
         """End an idle keep-alive wait (the worker is stopping)."""

@@ -408,3 +408,21 @@ def test_normal_requests_are_served_while_slow_clients_hold_connections(gproxy, 
     finally:
         for s in slow:
             s.close()
+
+
+def test_a_parked_keepalive_connection_serves_its_next_request(front):
+    """After PARK_AFTER (1 s) idle, a keep-alive connection gives up its
+    greenlet; its next request wakes it and is served on the same socket."""
+    g, b = front
+    with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
+        for i in range(2):
+            s.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: x\r\n\r\n")
+            out = b""
+            while b"\r\n\r\n" not in out or len(out.split(b"\r\n\r\n", 1)[1]) < 10:
+                d = s.recv(65536)
+                assert d, f"request {i}: closed after {out!r}"
+                out += d
+            assert out.startswith(b"HTTP/1.1 200")
+            if i == 0:
+                time.sleep(1.5)         # idle: the connection is parked meanwhile
+    assert len(b.received) == 2
