@@ -271,7 +271,7 @@ def test_unknown_length_is_chunked_for_11_and_close_delimited_for_10(gproxy, bac
         return False
     b.handler = no_length
     g = gproxy(conf(b))
-    out, closed = exchange(g.port, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+    out, closed = exchange(g.port, b"GET /a HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert b"Transfer-Encoding: chunked" in out and out.endswith(b"b\r\nuntil-close\r\n0\r\n\r\n"), out
     out, closed = exchange(g.port, b"GET /a HTTP/1.0\r\n\r\n")
     assert b"Transfer-Encoding" not in out and out.endswith(b"\r\n\r\nuntil-close") and closed
