@@ -49,6 +49,18 @@ def exchange(port, data, timeout=20):
         return out, False
 
 
+def get_10_bytes(s, request):
+    """Send ``request`` on the open socket ``s``; return the response to a
+    /bytes/10 request, whole, leaving the connection open."""
+    s.sendall(request)
+    out = b""
+    while b"\r\n\r\n" not in out or len(out.split(b"\r\n\r\n", 1)[1]) < 10:
+        d = s.recv(65536)
+        assert d, f"closed after {out!r}"
+        out += d
+    return out
+
+
 def status_of(out):
     return int(out.split(b" ", 2)[1]) if out.startswith(b"HTTP/1.1 ") else None
 
@@ -253,12 +265,7 @@ def test_http10_keeps_alive_only_when_asked(front):
     assert status_of(out) == 200 and closed
     with socket.create_connection(("127.0.0.1", g.port), timeout=5) as s:
         for _ in range(2):
-            s.sendall(b"GET /bytes/10 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-            out = b""
-            while b"\r\n\r\n" not in out or len(out.split(b"\r\n\r\n", 1)[1]) < 10:
-                d = s.recv(65536)
-                assert d, f"closed after {out!r}"
-                out += d
+            out = get_10_bytes(s, b"GET /bytes/10 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
             assert b"Connection: keep-alive" in out, out
 
 
@@ -416,12 +423,7 @@ def test_a_parked_keepalive_connection_serves_its_next_request(front):
     g, b = front
     with socket.create_connection(("127.0.0.1", g.port), timeout=10) as s:
         for i in range(2):
-            s.sendall(b"GET /bytes/10 HTTP/1.1\r\nHost: x\r\n\r\n")
-            out = b""
-            while b"\r\n\r\n" not in out or len(out.split(b"\r\n\r\n", 1)[1]) < 10:
-                d = s.recv(65536)
-                assert d, f"request {i}: closed after {out!r}"
-                out += d
+            out = get_10_bytes(s, b"GET /bytes/10 HTTP/1.1\r\nHost: x\r\n\r\n")
             assert out.startswith(b"HTTP/1.1 200")
             if i == 0:
                 time.sleep(1.5)         # idle: the connection is parked meanwhile
