@@ -63,7 +63,9 @@ def format_combined(r):
             f'rt={r["duration"]:.3f} urt={"-" if r["upstream_time"] is None else format(r["upstream_time"], ".3f")} '
             f'route={r["route"] or "-"} upstream={r["upstream"] or "-"} backend={r["backend"] or "-"} '
             f'retries={r["retries"]} in={r["bytes_in"]} rid={r["request_id"]}'
-            + (f' error={r["error"]}' if r["error"] else ""))
+            + (f' error={r["error"]}' if r["error"] else "")
+            + (f' consumer={_q(r["consumer"])}' if r.get("consumer") else "")
+            + (f' reason={r["reason"]}' if r.get("reason") else ""))
 
 
 def _q(v):

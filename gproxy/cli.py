@@ -1,9 +1,13 @@
 """The ``gproxy`` command: ``gproxy check FILE`` validates a config like
-``nginx -t``; ``gproxy status`` prints the supervisor's view of every backend."""
+``nginx -t``; ``gproxy status`` prints the supervisor's view of every backend;
+``gproxy hash-key`` prints what an API-key file holds for a key."""
 
 import argparse
+import getpass
+import hashlib
 import http.client
 import json
+import secrets
 import sys
 
 from . import __version__, config
@@ -17,10 +21,26 @@ def check(args):
         print(f"gproxy: {e}", file=sys.stderr)
         print(f"gproxy: configuration file {args.file or '(default)'} test failed", file=sys.stderr)
         return 1
+    problems = auth_problems(cfg)
+    for p in problems:
+        print(f"gproxy: {p}", file=sys.stderr)
+    if problems:
+        print(f"gproxy: configuration file {cfg.source} test failed", file=sys.stderr)
+        return 1
     print(f"gproxy: configuration file {cfg.source} syntax is ok "
           f"({len(cfg.upstreams)} upstreams, {len(cfg.routes)} routes)")
     print(f"gproxy: configuration file {cfg.source} test is successful")
     return 0
+
+
+def auth_problems(cfg):
+    """What a worker would find wrong when it builds each route's
+    authentication (JWKS key material, an htpasswd file passlib refuses):
+    the config's own checks stop short of PyJWT and passlib, which must not
+    be imported in the arbiter (they import ssl before gevent patches it)."""
+    from .auth import RouteAuth
+    return [f"{cfg.source}: routes[{r.index}].auth: {broken}" for r in cfg.routes if r.auth is not None
+            for broken in [RouteAuth(r.auth, r.name, quiet=True).broken] if broken]
 
 
 STATUS_COLUMNS = ("UPSTREAM", "BACKEND", "STATE", "CHECK", "LATENCY", "OK/FAIL", "PASSIVE", "REASON")
@@ -78,6 +98,24 @@ def status(args):
     return 0
 
 
+def hash_key(args):
+    """Print ``sha256:HEX`` for a key read from stdin (never from argv, which
+    other users can read in ps and the shell keeps in its history)."""
+    if args.new:
+        key = secrets.token_urlsafe(32)     # 256 bits
+        print(f"key:    {key}", file=sys.stderr)
+    elif sys.stdin.isatty():
+        key = getpass.getpass("API key: ")
+    else:
+        key = sys.stdin.readline().rstrip("\r\n")
+    if not key:
+        print("gproxy: hash-key: empty key", file=sys.stderr)
+        return 1
+    # the same digest as gproxy/auth.py (not imported: it loads PyJWT)
+    print("sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest())
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="gproxy", description="gproxy control command")
     p.add_argument("--version", action="version", version=f"gproxy {__version__}")
@@ -90,6 +128,11 @@ def main(argv=None):
     s.add_argument("--config", help="config file to read admin.listen from (default: as gproxy)")
     s.add_argument("--json", action="store_true", help="print the /status JSON as it is")
     s.set_defaults(func=status)
+    h = sub.add_parser("hash-key", help="print the sha256:... line of an API-key file for a key "
+                                        "read from stdin")
+    h.add_argument("--new", action="store_true",
+                   help="make a random key, print it on stderr and its digest on stdout")
+    h.set_defaults(func=hash_key)
     args = p.parse_args(argv)
     return args.func(args)
 

@@ -154,6 +154,8 @@ class Route:
     max_body: int | None = None     # bytes; None = unlimited (see README)
     index: int = 0                  # position in the file
     name: str = ""                  # for logs and metrics; default: the index
+    rate_limit: "RateLimit | None" = None   # off unless configured (nginx: no limit_req)
+    auth: "Auth | None" = None              # off unless configured
 
 
 @dataclass(frozen=True)
@@ -263,6 +265,7 @@ class Config:
     admin: Admin = field(default_factory=Admin)
     supervisor: Supervisor = field(default_factory=Supervisor)
     runtime_dir: str | None = None          # None: $XDG_RUNTIME_DIR, else /dev/shm, else /tmp
+    rate_limit_store: "RateLimitStore" = field(default_factory=lambda: RateLimitStore())
 
 
 # --- YAML with line numbers -----------------------------------------------
@@ -353,6 +356,13 @@ def duration(doc, value, path):
     return seconds
 
 
+def positive_duration(doc, value, path):
+    seconds = duration(doc, value, path)
+    if seconds <= 0:
+        doc.fail(path, "must be more than 0")
+    return seconds
+
+
 def size(doc, value, path):
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
@@ -360,13 +370,6 @@ def size(doc, value, path):
     if not m:
         doc.fail(path, f"expected a size like 64KB or 10MB, got {value!r}")
     return int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
-
-
-def positive_duration(doc, value, path):
-    seconds = duration(doc, value, path)
-    if seconds <= 0:
-        doc.fail(path, "must be more than 0")
-    return seconds
 
 
 def bounded_size(low, high):
@@ -566,14 +569,8 @@ def health_check(doc, value, path):
             d.fail(p, f"must start with '/', got {v!r}")
         return v
 
-    def positive(d, v, p):
-        v = duration(d, v, p)
-        if v <= 0:
-            d.fail(p, "must be more than 0")
-        return v
-
     kw = fields(doc, value, path, {
-        "path": check_path, "interval": positive, "timeout": positive,
+        "path": check_path, "interval": positive_duration, "timeout": positive_duration,
         "rise": integer(1, 100), "fall": integer(1, 100), "expect": status_range,
         "host": string})
     return HealthCheck(**kw)
@@ -613,8 +610,10 @@ def route(doc, raw, path, index, upstreams):
         return frozenset(items)
 
     spec = {"host": route_host, "path_prefix": path_prefix, "methods": methods,
-            "strip_prefix": boolean, "upstream": string, "max_body": size, "name": name}
+            "strip_prefix": boolean, "upstream": string, "max_body": size, "name": name,
+            "rate_limit": rate_limit, "auth": auth}
     kw = fields(doc, raw, path, spec)
+    gateway_checks(doc, kw, path)
     kw.setdefault("name", str(index))
     if "upstream" not in kw:
         doc.fail(path, "missing key 'upstream'")
@@ -649,17 +648,9 @@ host_glob = matching(r"^[a-z0-9.*?\[\]:-]+$", "expected a host name glob like *.
 
 def forward_proxy(doc, value, path):
     def auth(d, v, p):
-        kw = fields(d, v, p, {"htpasswd": string, "realm": string})
+        kw = fields(d, v, p, {"htpasswd": readable_file, "realm": realm})
         if "htpasswd" not in kw:
             d.fail(p, "missing key 'htpasswd'")
-        if '"' in kw.get("realm", "") or "\\" in kw.get("realm", ""):
-            d.fail(f"{p}.realm", "must not contain quotes or backslashes")
-        f = kw["htpasswd"]
-        if not os.path.isabs(f) and os.path.isfile(d.source):
-            f = os.path.join(os.path.dirname(os.path.abspath(d.source)), f)
-        if not os.access(f, os.R_OK):
-            d.fail(f"{p}.htpasswd", f"cannot read {f}")
-        kw["htpasswd"] = f
         return ForwardAuth(**kw)
 
     spec = {
@@ -716,6 +707,7 @@ TOP = {
         "listen": tcp_address, "allow": list_of(cidr)})),
     "supervisor": lambda d, v, p: Supervisor(**fields(d, v, p, {"stale_after": duration})),
     "runtime_dir": string,
+    "rate_limit_store": lambda d, v, p: rate_limit_store(d, v, p),
 }
 
 
@@ -754,3 +746,253 @@ def load(path=None):
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text: {e.reason}") from None
     return parse(text, path)
+
+
+# --- API gateway: rate limits and client authentication on routes ------------
+
+RATE_KEY_KINDS = ("client_ip", "header", "consumer", "route")
+ON_ERROR = ("allow", "deny")
+JWT_SYMMETRIC = ("HS256", "HS384", "HS512")
+JWT_ASYMMETRIC = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                  "ES256", "ES384", "ES512", "EdDSA")
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m|h)\s*$")
+_RATE_PERIODS = {"s": 1, "m": 60, "h": 3600}
+_SHA256 = re.compile(r"^(sha256:)?([0-9a-fA-F]{64})$")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """GCRA (gproxy/ratelimit.py); ``burst`` as nginx ``limit_req burst nodelay``."""
+    count: int                      # requests ...
+    period: int                     # ... per this many seconds
+    burst: int = 0                  # nginx limit_req default
+    key: HashKey = HashKey("client_ip")     # nginx's usual $binary_remote_addr
+
+
+@dataclass(frozen=True)
+class RateLimitStore:
+    url: str | None = None          # None: the table shared by this arbiter's workers
+    timeout: float = 0.05           # Envoy's ratelimit filter waits 20 ms; Redis on a LAN answers in <1 ms
+    on_error: str = "allow"         # Envoy failure_mode_deny: false
+    max_keys: int = 100000          # local table; nginx keeps ~16,000 states per MB of zone
+    key_prefix: str = "gproxy:rl:"
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    file: str
+    header: str = "X-Api-Key"       # Kong's key-auth reads apikey; X-Api-Key is AWS API Gateway's
+    # sha256 digest (bytes) -> consumer name
+    keys: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    htpasswd: str                   # path; relative to the config file
+    realm: str | None = None        # default: auth.realm
+
+
+@dataclass(frozen=True)
+class JwtAuth:
+    algorithms: tuple
+    issuer: str | None = None
+    audience: tuple = ()
+    secret: str | None = field(default=None, repr=False)
+    public_key: str | None = field(default=None, repr=False)     # PEM text of public_key_file
+    jwks: str | None = field(default=None, repr=False)           # JSON text of jwks_file
+    leeway: float = 0.0             # PyJWT's and Kong's default (Envoy allows 60 s)
+
+
+@dataclass(frozen=True)
+class Auth:
+    api_keys: ApiKeys | None = None
+    basic: BasicAuth | None = None
+    jwt: JwtAuth | None = None
+    consumers: frozenset | None = None      # None: every authenticated consumer
+    forward_credential: bool = False        # Kong hide_credentials is the opposite default
+    consumer_header: str = "X-Consumer"     # Kong sends X-Consumer-Username
+    realm: str = "gproxy"
+
+
+def rate(doc, value, path):
+    m = _RATE.match(value) if isinstance(value, str) else None
+    if not m:
+        doc.fail(path, f"expected a rate like 10/s or 600/m, got {value!r}")
+    count, period = int(m.group(1)), _RATE_PERIODS[m.group(2)]
+    if count < 1 or count / period > 1_000_000:
+        doc.fail(path, f"must be between 1/h and 1000000/s, got {value!r}")
+    return count, period
+
+
+def rate_key(doc, value, path):
+    value = string(doc, value, path)
+    kind, _, name = value.partition(":")
+    if kind not in RATE_KEY_KINDS or (kind == "header") != bool(name):
+        doc.fail(path, f"expected client_ip, header:NAME, consumer or route, got {value!r}")
+    return HashKey(kind, name)
+
+
+def rate_limit(doc, value, path):
+    kw = fields(doc, value, path, {"rate": rate, "burst": integer(0, 1_000_000), "key": rate_key})
+    if "rate" not in kw:
+        doc.fail(path, "missing key 'rate'")
+    kw["count"], kw["period"] = kw.pop("rate")
+    return RateLimit(**kw)
+
+
+def rate_limit_store(doc, value, path):
+    def url(d, v, p):
+        v = string(d, v, p)
+        parts = urlsplit(v)
+        try:
+            parts.port
+        except ValueError:
+            d.fail(p, f"bad port in {v!r}")
+        if parts.scheme in ("redis", "rediss"):
+            ok = parts.hostname and re.match(r"^(/\d*)?$", parts.path)     # the path is the db number
+        else:
+            ok = parts.scheme == "unix" and parts.path
+        if not ok:
+            d.fail(p, f"expected redis://host:port/db, rediss://... or unix:///path, got {v!r}")
+        return v
+
+    return RateLimitStore(**fields(doc, value, path, {
+        "url": url, "timeout": positive_duration, "on_error": one_of(ON_ERROR),
+        "max_keys": integer(16, 10_000_000), "key_prefix": string}))
+
+
+def readable_file(doc, value, path):
+    """A path relative to the config file's directory, which must be readable."""
+    f = string(doc, value, path)
+    if not os.path.isabs(f) and os.path.isfile(doc.source):
+        f = os.path.join(os.path.dirname(os.path.abspath(doc.source)), f)
+    if not os.access(f, os.R_OK) or not os.path.isfile(f):
+        doc.fail(path, f"cannot read {f}")
+    return f
+
+
+def realm(doc, value, path):
+    value = string(doc, value, path)
+    if '"' in value or "\\" in value:
+        doc.fail(path, "must not contain quotes or backslashes")
+    return value
+
+
+header_name = matching(r"^[A-Za-z0-9-]+$", "expected a header name (letters, digits, '-')")
+
+
+def api_key_file(path):
+    """The consumers of an API-key file: ``name: sha256:HEX`` (or a list of
+    them, for rotation), with ``gproxy hash-key`` printing the digests."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    doc, raw = _parse_yaml(text, path)
+    raw = section(doc, raw, "", set(raw or ()))
+    keys = {}
+    for consumer, hashes in raw.items():
+        name(doc, consumer, consumer)
+        for i, h in enumerate(list_of(string)(doc, hashes, consumer)):
+            sub = f"{consumer}[{i}]" if isinstance(hashes, list) else consumer
+            m = _SHA256.match(h)
+            if not m:
+                doc.fail(sub, "expected sha256:<64 hex digits> (gproxy hash-key prints it)")
+            digest = bytes.fromhex(m.group(2))
+            if digest in keys:
+                doc.fail(sub, f"the same key is already given to {keys[digest]!r}")
+            keys[digest] = consumer
+    if not keys:
+        raise ConfigError(f"{path}: no consumers in the file")
+    return keys
+
+
+def htpasswd_lines(doc, value, path):
+    """Readable, and every line ``user:hash`` (what passlib loads)."""
+    f = readable_file(doc, value, path)
+    with open(f, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            s = line.strip()
+            if s and not s.startswith(b"#") and (s.count(b":") != 1 or s.startswith(b":")):
+                doc.fail(path, f"{f}:{n}: expected user:hash")
+    return f
+
+
+def jwt_auth(doc, value, path):
+    def text_of(kind):
+        def parse(d, v, p):
+            with open(readable_file(d, v, p), encoding="utf-8", errors="replace") as fh:
+                return kind(d, fh.read(), p)
+        return parse
+
+    spec = {"issuer": string, "audience": list_of(string), "leeway": duration,
+            "algorithms": list_of(one_of(JWT_SYMMETRIC + JWT_ASYMMETRIC)), "secret": string,
+            "public_key_file": text_of(pem_public_key), "jwks_file": text_of(jwks)}
+    kw = fields(doc, value, path, spec)
+    sources = [k for k in ("secret", "public_key_file", "jwks_file") if k in kw]
+    if len(sources) != 1:
+        doc.fail(path, "needs exactly one of secret, public_key_file, jwks_file")
+    symmetric = sources[0] == "secret"
+    allowed = JWT_SYMMETRIC if symmetric else JWT_ASYMMETRIC
+    kw.setdefault("algorithms", ("HS256",) if symmetric else ("RS256",))   # PyJWT's examples
+    for i, alg in enumerate(kw["algorithms"]):
+        if alg not in allowed:
+            # a public key used as an HMAC secret is the classic JWT forgery
+            doc.fail(f"{path}.algorithms[{i}]", f"{alg} does not go with {sources[0]}")
+    if symmetric and len(kw["secret"]) < 32:
+        doc.fail(f"{path}.secret", "must be at least 32 characters (RFC 7518 3.2: a key "
+                                   "as long as the hash)")
+    kw["public_key"] = kw.pop("public_key_file", None)
+    kw["jwks"] = kw.pop("jwks_file", None)
+    return JwtAuth(**kw)
+
+
+def pem_public_key(doc, text, path):
+    from cryptography.hazmat.primitives import serialization    # no ssl import: fine in the arbiter
+    try:
+        serialization.load_pem_public_key(text.encode())
+    except (ValueError, TypeError) as e:
+        doc.fail(path, f"not a PEM public key: {e}")
+    return text
+
+
+def jwks(doc, text, path):
+    import json
+    try:
+        keys = json.loads(text).get("keys")
+    except (ValueError, AttributeError):
+        keys = None
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) and k.get("kty")
+                                                         for k in keys):
+        doc.fail(path, 'expected a JWKS: {"keys": [{"kty": ...}, ...]}')
+    return text
+
+
+def auth(doc, value, path):
+    def api_keys(d, v, p):
+        kw = fields(d, v, p, {"file": readable_file, "header": header_name})
+        if "file" not in kw:
+            d.fail(p, "missing key 'file'")
+        return ApiKeys(keys=api_key_file(kw["file"]), **kw)
+
+    def basic(d, v, p):
+        kw = fields(d, v, p, {"htpasswd": htpasswd_lines, "realm": realm})
+        if "htpasswd" not in kw:
+            d.fail(p, "missing key 'htpasswd'")
+        return BasicAuth(**kw)
+
+    kw = fields(doc, value, path, {
+        "api_keys": api_keys, "basic": basic, "jwt": jwt_auth,
+        "consumers": lambda d, v, p: frozenset(list_of(string)(d, v, p)),
+        "forward_credential": boolean, "consumer_header": header_name, "realm": realm})
+    if not any(k in kw for k in ("api_keys", "basic", "jwt")):
+        doc.fail(path, "needs at least one of api_keys, basic, jwt")
+    return Auth(**kw)
+
+
+def gateway_checks(doc, kw, path):
+    """Route-level rules that span rate_limit and auth."""
+    rl = kw.get("rate_limit")
+    if rl is not None and rl.key.kind == "consumer" and kw.get("auth") is None:
+        doc.fail(f"{path}.rate_limit.key", "key 'consumer' needs auth on the route")

@@ -22,10 +22,12 @@ class ProxyError(Exception):
     # Extra response header fields of the error answer, e.g. a challenge.
     headers = ()
 
-    def __init__(self, detail="", *, elapsed=None):
+    def __init__(self, detail="", *, elapsed=None, headers=None):
         super().__init__(detail or self.body)
         self.detail = detail
         self.elapsed = elapsed
+        if headers:
+            self.headers = headers
 
     @property
     def status_line(self):
@@ -115,3 +117,35 @@ class DnsError(ProxyError):
     # nginx answers 502 when a proxied name cannot be resolved.
     status, reason, kind = 502, "Bad Gateway", "dns_error"
     body = "The proxy could not resolve the destination host."
+
+
+# --- the API gateway's refusals (gateway.py): never sent to a backend -----------
+
+class Unauthorized(ProxyError):
+    # RFC 9110 15.5.2: a 401 carries at least one WWW-Authenticate challenge.
+    status, reason, kind = 401, "Unauthorized", "unauthorized"
+    body = "Authentication required."
+
+
+class ConsumerForbidden(ProxyError):
+    # RFC 9110 15.5.4: authenticated, and still not allowed.
+    status, reason, kind = 403, "Forbidden", "consumer_forbidden"
+    body = "This consumer is not allowed on this route."
+
+
+class TooManyRequests(ProxyError):
+    # RFC 6585 4 (nginx limit_req answers 503 unless limit_req_status 429).
+    status, reason, kind = 429, "Too Many Requests", "rate_limited"
+    body = "Too many requests."
+
+
+class RateLimitUnavailable(ProxyError):
+    # rate_limit_store.on_error: deny, and the store did not answer.
+    status, reason, kind = 503, "Service Unavailable", "rate_limit_store"
+    body = "The rate limit cannot be checked now."
+
+
+class AuthUnavailable(ProxyError):
+    # nginx answers 500 when auth_basic_user_file cannot be read.
+    status, reason, kind = 500, "Internal Server Error", "auth_unavailable"
+    body = "Authentication is not available."

@@ -73,7 +73,7 @@ class Exchange:
     __slots__ = ("start", "method", "target", "protocol", "client", "host", "route",
                  "upstream", "backend", "status", "bytes_in", "bytes_out", "retries",
                  "request_id", "upstream_time", "error", "user_agent", "referer", "body",
-                 "upstream_start", "connect_time")
+                 "upstream_start", "connect_time", "consumer", "reason")
 
     def __init__(self, environ):
         self.start = time.time()
@@ -93,6 +93,7 @@ class Exchange:
         self.body = None
         self.upstream_start = None     # monotonic, when the answering attempt began
         self.connect_time = None       # seconds, when that attempt opened a connection
+        self.consumer = self.reason = None     # the authenticated client; why refused
 
     def record(self):
         if self.body is not None:
@@ -106,6 +107,7 @@ class Exchange:
             "route": self.route, "upstream": self.upstream, "backend": self.backend,
             "retries": self.retries, "request_id": self.request_id, "error": self.error,
             "user_agent": self.user_agent, "referer": self.referer,
+            "consumer": self.consumer, "reason": self.reason,
         }
 
 

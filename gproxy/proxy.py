@@ -15,7 +15,7 @@ import ipaddress
 import os
 import time
 
-from . import downstream, errors, exchange, forward as _forward, headers as H, stats
+from . import downstream, errors, exchange, forward as _forward, gateway, headers as H, stats
 from . import upgrade as _upgrade
 from .balancer import make_policy
 from .exchange import Exchange
@@ -109,6 +109,7 @@ class ProxyApp:
         self.recorder = exchange.Recorder(config.access_log, self.stats)
         self.forward_proxy = _forward.ForwardProxy(self.recorder, config)
         self.upgrades = _upgrade.Upgrades(self.recorder, config.tunnel)
+        self.gate = gateway.Gate(config, self.stats, self.is_trusted, shared and shared.runtime_dir)
 
     # -- the story -----------------------------------------------------------
 
@@ -156,7 +157,9 @@ class ProxyApp:
         return route, upstream_target(route, target)
 
     def admit(self, request, route, ex):
-        """The request body as a BodySource (or None); 413 refusals."""
+        """The request body as a BodySource (or None); 401/403/429 (the
+        gateway) and 413 refusals, all before the body is read."""
+        self.gate.admit(route, request, ex)
         return exchange.request_body(request, route.max_body, ex)
 
     def upstream_headers(self, environ, request, ex, up):

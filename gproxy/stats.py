@@ -51,6 +51,11 @@ UPSTREAM_KINDS = frozenset((errors.NoBackend.kind, errors.ClientAbort.kind))
 
 _CLASSES = {n: f"{n}xx" for n in range(1, 6)}
 
+# The gateway's refusals, also counted per route: kind -> the route's counter.
+ROUTE_REFUSALS = {errors.TooManyRequests.kind: "rate_limited",
+                  errors.Unauthorized.kind: "auth_refused",
+                  errors.ConsumerForbidden.kind: "auth_refused"}
+
 
 def sanitize(name):
     """One Graphite path segment for a route, upstream or backend name."""
@@ -180,6 +185,8 @@ class Stats:
             lines.append(f"{self.p}server.errors.{kind}:1|c")
             if ex.upstream is not None and kind in UPSTREAM_KINDS:
                 lines.append(f"{self.upstream_name(ex.upstream)}errors.{kind}:1|c")
+            if ex.route is not None and kind in ROUTE_REFUSALS:
+                lines.append(f"{self.p}route.{sanitize(ex.route)}.{ROUTE_REFUSALS[kind]}:1|c")
         if ex.upstream is not None:
             self._upstream_timings(lines, ex)
         self.client.send_lines(lines)
@@ -213,6 +220,11 @@ class Stats:
             pipe.incr(f"{base}errors.{kind}")
             if ejected:
                 pipe.incr(base + "ejected")
+
+    def rate_limit_store_error(self):
+        """One rate-limit decision the store (Redis) failed to make."""
+        if self.client is not None:
+            self.client.incr(self.p + "rate_limit_store.errors")
 
     # -- tunnels (CONNECT, WebSocket; workers) -----------------------------------
 

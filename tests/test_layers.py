@@ -31,6 +31,8 @@ LIBRARIES = {
     "urllib3": {"transport"},
     "yaml": {"config"},
     "statsd": {"stats"},
+    "redis": {"ratestore"},
+    "jwt": {"auth"},
 }
 
 

@@ -3,6 +3,7 @@ backend, what failed and after how long; JSON or text; files that survive
 logrotate (reopened on USR1); no credential ever written."""
 
 import glob
+import hashlib
 import http.client
 import json
 import os
@@ -107,6 +108,7 @@ def test_log_files_are_reopened_on_usr1_after_logrotate_moves_them(gproxy, backe
     assert all(line.startswith("{") for line in error.read_text().splitlines())
 
 
+GOOD_KEY = "sekret-goodkey-4719"
 SECRETS = {
     "Authorization": "Bearer sekret-authz-4711",
     "Proxy-Authorization": "Basic c2VrcmV0LXByb3h5LTQ3MTI=",
@@ -123,16 +125,26 @@ def test_credentials_never_reach_any_log_or_metric(gproxy, backends, tmp_path, f
     lst = StatsdListener()
     error = tmp_path / "error.log"
     try:
+        # gateway routes: an API key that verifies (its consumer is logged, not
+        # the key), one that does not, a rate limit keyed by the key header,
+        # and a Redis store whose password must not reach the error log
+        keys = tmp_path / "keys.yaml"
+        keys.write_text(f'alice: "sha256:{hashlib.sha256(GOOD_KEY.encode()).hexdigest()}"\n')
         g = gproxy(conf(b, top=f"access_log: {{format: {access_fmt}}}\n"
                                 f'error_log: {{format: {error_fmt}, path: "{error}", level: debug}}\n'
-                                f"statsd: {{port: {lst.port}, gunicorn: true}}"))
-        paths = ["/ok", "/dead/x", "/sleep/1500", "/status/500", "/cut/10"]
+                                f"statsd: {{port: {lst.port}, gunicorn: true}}\n"
+                                f'rate_limit_store: {{url: "redis://:sekret-redis-4718@127.0.0.1:{free_port()}/0"}}')
+                   + f'  - {{path_prefix: /gw/, upstream: web.pool, auth: {{api_keys: {{file: "{keys}"}}}}}}\n'
+                   + "  - {path_prefix: /rl/, upstream: web.pool, rate_limit: {rate: 1/m, key: 'header:X-Api-Key'}}\n"
+                   + "  - {path_prefix: /rlm/, upstream: web.pool, rate_limit: {rate: 1/m, key: route}}\n")
+        paths = ["/ok", "/dead/x", "/sleep/1500", "/status/500", "/cut/10", "/gw/wrong", "/rl/1"]
         statuses = [get(g, p, headers=SECRETS) for p in paths]
-        assert statuses == [200, 502, 504, 500, 200], statuses
+        assert statuses == [200, 502, 504, 500, 200, 401, 200], statuses
+        assert get(g, "/gw/right", headers=dict(SECRETS, **{"X-Api-Key": GOOD_KEY})) == 200
         raw_request(g.port, b"GET /secret HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sekret-raw-4716\r\n"
                             b"Cookie: a=sekret-raw-4717\r\nContent-Length: 5\r\n\r\nab", timeout=1)
-        wait_until(lambda: len([x for x in g.stdout().splitlines() if x.strip()]) >= 6, 10,
-                   "six access log lines")
+        wait_until(lambda: len([x for x in g.stdout().splitlines() if x.strip()]) >= 9, 10,
+                   "nine access log lines")
         wait_until(lambda: lst.counters("gproxy.server.responses."), 5, "metrics")
     finally:
         lst.close()
@@ -142,6 +154,8 @@ def test_credentials_never_reach_any_log_or_metric(gproxy, backends, tmp_path, f
     outputs.update({p: open(p, errors="replace").read() for p in glob.glob(str(tmp_path / "**" / "*.log"),
                                                                           recursive=True)})
     assert "upstream_failed" in outputs["error.log"] or "upstream connect_error" in outputs["error.log"]
+    assert "rate_limit_store redis://:***@127.0.0.1" in outputs["error.log"], "the store error is logged"
+    assert "consumer" in outputs["stdout"] and "alice" in outputs["stdout"]
     for where, text in outputs.items():
         for needle in ("sekret", "c2VrcmV0"):
             assert needle not in text, f"{needle!r} found in {where}"
