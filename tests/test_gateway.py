@@ -357,3 +357,13 @@ def test_unusable_jwks_answers_500_on_its_route_and_the_rest_keeps_serving(gprox
     assert status(g, "/jwt/x", {"Authorization": "Bearer a.b.c"}) == 500
     assert status(g, "/open") == 200 and [r.target for r in b.received] == ["/open"]
     assert "authentication unavailable, answering 500" in g.stderr()
+
+
+def test_refused_upload_with_expect_100_continue_never_sends_its_body(gproxy, backends, keyfiles):
+    from servers import raw_request
+    b, = backends(1)
+    g = gproxy(conf(b, auth_route(f'{{api_keys: {{file: "{keyfiles}/keys.yaml"}}}}')))
+    got = raw_request(g.port, b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                              b"Content-Length: 1000000\r\n\r\n", timeout=5, read_until_close=False)
+    assert got.startswith(b"HTTP/1.1 401 "), got[:200]
+    assert b"100 Continue" not in got and not b.received
