@@ -46,16 +46,20 @@ class RouteGate:
             self.header = rl.key.name.lower()
             self.on_error_allow = on_error_allow
 
-    def admit(self, request, headers, ex, client_ip):
+    def admit(self, request, ex, client_ip):
         consumer = None
         if self.auth is not None:
+            headers, kept = _split(request.fields, self.auth.drop)
             try:
                 consumer = self.auth.authenticate(headers)
             except errors.ProxyError as e:
                 ex.reason = e.detail
                 raise
             ex.consumer = consumer
-            request.fields = _rewritten(request.fields, self.auth, consumer)
+            kept.append((self.auth.consumer_header, consumer))
+            request.fields = kept
+        else:
+            headers = {n.lower(): v for n, v in reversed(request.fields)}   # the first wins
         if self.limit is not None:
             self.check_rate(headers, ex, consumer, client_ip)
 
@@ -81,20 +85,18 @@ class RouteGate:
                                          headers=ratelimit.refusal_headers(self.name, self.policy, d))
 
 
-def _rewritten(fields, auth, consumer):
-    drop = auth.drop
-    out = [f for f in fields if f[0].lower() not in drop]
-    out.append((auth.consumer_header, consumer))
-    return out
-
-
-def _headers(fields):
-    """lower-case name -> value; the first of repeated fields (as nginx's
-    ``$http_`` variables)."""
-    out = {}
-    for name, value in fields:
-        out.setdefault(name.lower(), value)
-    return out
+def _split(fields, drop):
+    """(lower-case name -> value, the first of repeated fields as nginx's
+    ``$http_`` variables; the fields without those named in ``drop``), in
+    one pass."""
+    headers, kept = {}, []
+    for f in fields:
+        low = f[0].lower()
+        if low not in headers:
+            headers[low] = f[1]
+        if low not in drop:
+            kept.append(f)
+    return headers, kept
 
 
 class Gate:
@@ -119,7 +121,7 @@ class Gate:
     def admit(self, route, request, ex):
         gate = self.routes.get(route.index)
         if gate is not None:
-            gate.admit(request, _headers(request.fields), ex, self.client_ip)
+            gate.admit(request, ex, self.client_ip)
 
     def client_ip(self, headers, ex):
         """The client address after trusted_proxies (as logged)."""
