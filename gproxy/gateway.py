@@ -22,9 +22,9 @@ Rule 4: when the store fails, ``on_error`` decides: allow (the default, as
 import logging
 
 from . import errors, headers as H, ratelimit
+from .ratestore import LocalStore, RedisStore
 
 log = logging.getLogger("gproxy.error")
-from .ratestore import LocalStore, RedisStore
 
 
 class RouteGate:
@@ -129,9 +129,9 @@ class Gate:
 
 
 def _local_store(directory, slots):
-    """The table in the arbiter's runtime directory; one
-    private to this worker when there is none or it cannot be used (limits
-    then hold per worker: logged, never a worker that fails to boot)."""
+    """The table in the arbiter's runtime directory; one private to this
+    worker when there is none or it cannot be used (limits then hold per
+    worker: logged, never a worker that fails to boot)."""
     if directory is not None:
         try:
             return LocalStore(directory, slots)
