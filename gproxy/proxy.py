@@ -117,6 +117,7 @@ class ProxyApp:
         ex = Exchange(environ)
         self.stats.request_started()
         request = downstream.request(environ)
+        ex.request_id = request_id(environ)
         try:
             route, target = self.classify_and_route(environ, ex, request)
             if route is None:                       # absolute-form elsewhere, CONNECT
@@ -182,11 +183,7 @@ class ProxyApp:
         out.append(("X-Forwarded-Proto", (trusted and environ.get("HTTP_X_FORWARDED_PROTO"))
                     or environ.get("wsgi.url_scheme", "http")))
         out.append(("X-Forwarded-Host", (trusted and environ.get("HTTP_X_FORWARDED_HOST")) or ex.host))
-        rid = environ.get("HTTP_X_REQUEST_ID", "")
-        if not (0 < len(rid) <= 128 and all(c in _TOKEN_OK for c in rid)):
-            rid = os.urandom(12).hex()
-        ex.request_id = rid
-        out.append(("X-Request-Id", rid))
+        out.append(("X-Request-Id", ex.request_id))
         return out
 
     def fail(self, e, ex, start_response, exc_info=None):
@@ -223,6 +220,14 @@ class ProxyApp:
         else:
             v = ex.target
         return v.encode("utf-8", "surrogateescape") if v else None
+
+
+def request_id(environ):
+    """The client's X-Request-Id when it is a sane token, else a new one."""
+    rid = environ.get("HTTP_X_REQUEST_ID", "")
+    if 0 < len(rid) <= 128 and all(c in _TOKEN_OK for c in rid):
+        return rid
+    return os.urandom(12).hex()
 
 
 def _split_absolute(target):

@@ -203,6 +203,8 @@ def test_api_keys_right_wrong_missing_and_bearer(gproxy, backends, keyfiles):
     assert first.all("X-Consumer") == ["alice"] and second.all("X-Consumer") == ["bob"]
     recs = {r["target"]: r for r in g.access_records(at_least=4)}
     assert (recs["/none"]["reason"], recs["/wrong"]["reason"]) == ("no_credential", "bad_api_key")
+    # a refused request is logged with its request id, as any other
+    assert len(recs["/none"]["request_id"]) == 24 and recs["/wrong"]["request_id"]
     assert recs["/header"]["consumer"] == "alice" and recs["/header"]["reason"] is None
 
 
