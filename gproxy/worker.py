@@ -165,6 +165,9 @@ class Worker(GeventWorker):
     # -- parked keep-alive connections: a watcher each, no greenlet ---------------
 
     def park(self, conn):
+        # between two requests the parser holds no state: drop it (and the
+        # empty queue) while parked, and make new ones on resume
+        conn.parser = conn.ready = None
         if conn.watcher is None:
             conn.watcher = gevent.get_hub().loop.io(conn.sock.fileno(), 1)
         conn.watcher.start(self.resume, conn)
@@ -174,6 +177,8 @@ class Worker(GeventWorker):
         """Called by the hub when a parked connection has bytes (or closed)."""
         conn.watcher.stop()
         self.parked.discard(conn)
+        conn.parser = httptools.HttpRequestParser(conn)
+        conn.ready = collections.deque()
         self.resumed.spawn(self.serve, conn)
 
     def sweep(self, now):
