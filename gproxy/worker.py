@@ -148,6 +148,10 @@ class Worker(GeventWorker):
 
     def handle(self, listener, client, addr):
         client.setblocking(1)
+        if client.family != socket.AF_UNIX:
+            # nginx tcp_nodelay on: a small last write (a chunked terminator)
+            # must not wait for the client's delayed ACK
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.serve(Connection(self, listener, client, addr))
 
     def serve(self, conn):
