@@ -45,7 +45,8 @@ CATEGORIES = [
 
 
 # Socket calls count for whoever made them (the transport or the server).
-TRANSPARENT = ("gevent/_socketcommon.py", "gevent/_socket3.py", "/socket.py", "SocketIO.")
+TRANSPARENT = ("gevent/_socketcommon.py", "gevent/_socket3.py", "/socket.py", "SocketIO.",
+               "send_all (gproxy/h1.py")
 SYSCALL_LEAVES = ("SocketMixin.send ", "SocketMixin.recv ", "SocketMixin.recv_into ",
                   "Conn.alive ", "SocketMixin.getsockopt ", "SocketMixin.setsockopt ")
 

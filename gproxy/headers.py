@@ -54,10 +54,19 @@ def strip_hop_by_hop(fields, drop):
 
     ``fields`` is a list of (name, value) pairs with names in any case.
     """
-    conn = [v for n, v in fields if n.lower() in ("connection", "proxy-connection")]
+    out = []
+    conn = None
+    for field in fields:
+        name = field[0].lower()
+        if name in drop:
+            if name == "connection" or name == "proxy-connection":
+                conn = (conn or []) + [field[1]]
+            continue
+        out.append(field)
     if conn:
-        drop = drop | connection_tokens(conn)
-    return [(n, v) for n, v in fields if n.lower() not in drop]
+        listed = connection_tokens(conn)
+        out = [f for f in out if f[0].lower() not in listed]
+    return out
 
 
 def forwarded_for(incoming, peer, peer_trusted):

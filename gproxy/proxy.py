@@ -12,8 +12,8 @@ everything below, take the ``downstream.Request``.
 """
 
 import ipaddress
-import os
 import time
+from random import getrandbits
 
 from . import downstream, errors, exchange, forward as _forward, gateway, headers as H, stats
 from . import upgrade as _upgrade
@@ -227,7 +227,7 @@ def request_id(environ):
     rid = environ.get("HTTP_X_REQUEST_ID", "")
     if 0 < len(rid) <= 128 and all(c in _TOKEN_OK for c in rid):
         return rid
-    return os.urandom(12).hex()
+    return f"{getrandbits(96):024x}"    # random reseeds in each worker after fork
 
 
 def _split_absolute(target):

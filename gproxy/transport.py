@@ -250,7 +250,7 @@ class Adapter(BaseAdapter):
         sock = conn.sock
         sock.settimeout(header_wait)
         try:
-            sock.sendall(head)
+            h1.send_all(sock, head)
             if body is not None:
                 h1.send_body(sock, body, chunked)
         except errors.ProxyError:

@@ -27,7 +27,7 @@ import time
 
 import gevent
 
-from . import downstream, errors
+from . import downstream, errors, h1
 
 log = logging.getLogger("gproxy.error")
 
@@ -136,7 +136,7 @@ class Splice:
             self.stop("reset")
 
     def _send(self, dst, data, direction):
-        dst.sendall(data)
+        h1.send_all(dst, data)
         self.last = time.monotonic()
         if direction == "up":
             self.bytes_up += len(data)

@@ -60,6 +60,7 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from . import __version__, downstream
 from .downstream import Refused
+from .h1 import send_all
 
 SERVER = f"gproxy/{__version__}"
 RECV = 65536
@@ -521,7 +522,7 @@ class Response:
             self.head_sent = True
             data = self.head + data
         if data:
-            self.conn.sock.sendall(data)
+            send_all(self.conn.sock, data)
 
     def finish(self):
         """After the last piece: the chunked terminator; whether the
@@ -529,7 +530,7 @@ class Response:
         if not self.head_sent:
             self.write(b"")
         if self.chunked:
-            self.conn.sock.sendall(b"0\r\n\r\n")
+            send_all(self.conn.sock, b"0\r\n\r\n")
         elif self.length is not None and self.sent < self.length and not self.no_body:
             return False            # shorter than announced: the client must see the cut
         return self.keep and self.request.complete
