@@ -1,55 +1,10 @@
-"""gunicorn settings for gproxy, taken from the gproxy YAML config.
+"""gunicorn settings for a checkout: ``gunicorn -c gunicorn.conf.py gproxy.wsgi``.
 
-Runs in the arbiter and again on every HUP, so it stays light: it imports
-gproxy.lifecycle, gproxy.config (PyYAML) and gproxy.logs, never requests, urllib3, ssl or gevent,
-which must be imported after the gevent worker has monkey-patched
-(benoitc/gunicorn#2796). No preload for the same reason.
+The settings live in the package, gproxy/gunicorn_conf.py, so that an
+installed gproxy runs from any directory with
+``gunicorn -c python:gproxy.gunicorn_conf gproxy.wsgi``; this file is the same
+thing for a checkout. Like that module it imports no requests, urllib3, ssl
+or gevent (benoitc/gunicorn#2796).
 """
 
-from gproxy import lifecycle as _lifecycle
-from gproxy import logs as _logs
-
-# A bad file exits at start; on HUP it keeps the last good config (logged).
-_cfg = _lifecycle.load_config()
-
-bind = list(_cfg.listen)
-workers = _cfg.workers
-# gproxy serves HTTP/1.1 itself (gproxy/worker.py, a subclass of gunicorn's
-# gevent worker); imported here only by name.
-worker_class = "gproxy.worker.Worker"
-worker_connections = _cfg.worker_connections
-keepalive = int(_cfg.keepalive_timeout)
-graceful_timeout = int(_cfg.graceful_timeout)
-timeout = 30                    # worker heartbeat (a blocked hub is killed)
-preload_app = False
-proc_name = "gproxy"
-control_socket_disable = True   # per-user default path collides across instances
-# gproxy decides whom to trust (trusted_proxies); gunicorn must not turn a
-# client's X-Forwarded-Proto into wsgi.url_scheme on its own.
-forwarded_allow_ips = ""
-secure_scheme_headers = {}
-accesslog = None                # gproxy writes its own access log
-errorlog = _cfg.error_log.path
-loglevel = _cfg.error_log.level
-# gunicorn's own metrics (requests, workers, log.*) land under
-# <prefix>.gunicorn.*, a branch gproxy's names never use.
-_gunicorn_statsd = _cfg.statsd.enabled and _cfg.statsd.gunicorn
-if _gunicorn_statsd:
-    _h = _cfg.statsd.host
-    statsd_host = f"[{_h}]:{_cfg.statsd.port}" if ":" in _h else f"{_h}:{_cfg.statsd.port}"
-    statsd_prefix = _cfg.statsd.prefix
-logger_class = _logs.gunicorn_logger_class(_cfg.error_log, _gunicorn_statsd)
-
-
-# The supervisor (health checks, shared health table, admin endpoint):
-# started when the arbiter is ready, HUP'd with it, stopped with it.
-def when_ready(server):
-    _lifecycle.when_ready(server)
-
-
-def on_reload(server):
-    _lifecycle.on_reload(server)
-
-
-def on_exit(server):
-    _lifecycle.on_exit(server)
+from gproxy.gunicorn_conf import *  # noqa: F401,F403

@@ -5,6 +5,8 @@ per request; the supervisor is not a gevent process).
     GET  /healthz                                    200 "ok" while the table is being published
     POST /upstreams/<upstream>/backends/<backend>/drain    no new requests from any worker
     POST /upstreams/<upstream>/backends/<backend>/enable   back in rotation
+    POST /instance/drain                             health_path answers 503, stop after drain_delay
+    POST /instance/enable                            cancel that (before the stop)
 
 <backend> is the backend's ``host:port`` as in /status. Unknown names get 404
 with a message; a client outside loopback and ``admin.allow`` gets 403.
@@ -80,6 +82,8 @@ class AdminHandler(BaseHTTPRequestHandler):
         if not self.admitted():
             return
         self.discard_body()
+        if self.path.split("?", 1)[0] in ("/instance/drain", "/instance/enable"):
+            return self.instance_action(self.path.split("?", 1)[0].rsplit("/", 1)[1])
         found = self.action(self.path.split("?", 1)[0])
         if found is None:
             self.reply(404 if not self.path.startswith(("/status", "/healthz")) else 405,
@@ -98,6 +102,17 @@ class AdminHandler(BaseHTTPRequestHandler):
         log.warning("admin: %s %s backend %s of upstream %s", self.client_address[0],
                     "drained" if ACTIONS[verb] else "enabled", backend, upstream)
         self.reply(200, body)
+
+    def instance_action(self, verb):
+        sup = self.server.supervisor
+        if verb == "drain":
+            sup.instance.drain(sup.cfg.drain_delay)
+        else:
+            sup.instance.enable()
+        log.warning("admin: %s %s the instance", self.client_address[0],
+                    "drained" if verb == "drain" else "enabled")
+        self.reply(200, dict(sup.instance.status(), drain_delay_s=sup.cfg.drain_delay,
+                             arbiter_pid=sup.arbiter_pid))
 
     # -- helpers -------------------------------------------------------------------
 
@@ -174,7 +189,8 @@ def status(sup):
             "version": __version__, "pid": sup.pid(), "arbiter_pid": sup.arbiter_pid,
             "started": _iso(sup.started), "started_unix": round(sup.started, 3),
             "config": {"file": cfg.source, "sha256": sup.digest, "loaded": _iso(sup.loaded_at),
-                       "reload_error": sup.reload_error},
+                       "reload_error": sup.reload_error, "reloads": sup.reloads},
+            "instance": sup.instance.status(),
             "runtime_dir": sup.runtime_dir,
             "table": {"path": sup.table.path, "version": sup.table.version, "sequence": sup.table.seq},
             "upstreams": ups,

@@ -1,16 +1,21 @@
 """The ``gproxy`` command: ``gproxy check FILE`` validates a config like
-``nginx -t``; ``gproxy status`` prints the supervisor's view of every backend;
+``nginx -t``; the operator commands talk to a running instance (found and
+checked by ``control``): ``status`` prints the supervisor's view of every
+backend, ``reload`` HUPs and waits for the result, ``drain``/``enable`` a
+backend, ``reopen-logs`` after a rotation, ``drain-instance`` before a stop;
 ``gproxy hash-key`` prints what an API-key file holds for a key."""
 
 import argparse
 import getpass
 import hashlib
-import http.client
 import json
+import os
 import secrets
+import signal
 import sys
+from urllib.parse import quote
 
-from . import __version__, config
+from . import __version__, config, control
 from .errors import ConfigError
 
 
@@ -62,34 +67,58 @@ def status_rows(st):
     return rows
 
 
-def status(args):
-    address = args.admin
-    if not address:
+def target(args):
+    """(config or None, config file, admin address, pidfile) for a command that
+    talks to a running instance. A broken file still names the instance (its
+    path, the default admin address), so ``status`` works while it is broken."""
+    path = args.config or os.environ.get("GPROXY_CONFIG") or \
+        ("gproxy.yaml" if os.path.exists("gproxy.yaml") else None)
+    try:
+        cfg = config.load(path)
+    except ConfigError as e:
+        print(f"gproxy: warning: {e}; using the default admin address", file=sys.stderr)
+        cfg = None
+    admin = args.admin or (cfg.admin.listen if cfg else config.Admin().listen)
+    pidfile = args.pidfile or (cfg.pidfile if cfg else None)
+    return cfg, path or "<built-in>", admin, pidfile
+
+
+def instance(args, cfg_file, admin, pidfile):
+    """The checked /status of the instance meant (control, Rules 1-2); an
+    explicit --admin with no config file and no pidfile is taken as it is."""
+    if not pidfile and cfg_file == "<built-in>" and args.admin:
+        code, st = control.admin_request(admin, "GET", "/status")
+        if code != 200:
+            raise control.ControlError(f"admin endpoint {admin} answered {code}: {st}")
+        return st
+    return control.find_instance(admin, cfg_file, pidfile)
+
+
+def operator_command(fn):
+    """Run ``fn(args)``; a ControlError is printed and exits 1."""
+    def run(args):
         try:
-            address = config.load(args.config).admin.listen
-        except ConfigError as e:
+            return fn(args)
+        except control.ControlError as e:
             print(f"gproxy: {e}", file=sys.stderr)
             return 1
-    host, _, port = address.rpartition(":")
-    try:
-        c = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=10)
-        c.request("GET", "/status")
-        r = c.getresponse()
-        body = r.read()
-    except OSError as e:
-        print(f"gproxy: cannot reach the admin endpoint at {address}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    if r.status != 200:
-        print(f"gproxy: admin endpoint {address} answered {r.status}: {body.decode(errors='replace')}",
-              file=sys.stderr)
-        return 1
-    st = json.loads(body)
+    return run
+
+
+@operator_command
+def status(args):
+    _, cfg_file, address, pidfile = target(args)
+    st = instance(args, cfg_file, address, pidfile)
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
-    print(f"gproxy {st['version']}  supervisor pid {st['pid']}  started {st['started']}")
+    print(f"gproxy {st['version']}  supervisor pid {st['pid']}  arbiter pid {st['arbiter_pid']}  "
+          f"started {st['started']}")
     print(f"config {st['config']['file']}  sha256 {st['config']['sha256'][:16]}"
           + (f"  RELOAD FAILED: {st['config']['reload_error']}" if st["config"]["reload_error"] else ""))
+    if st.get("instance", {}).get("draining"):
+        left = st["instance"]["stop_in_s"]
+        print("instance DRAINING" + (f" (stop in {left:.1f}s)" if left is not None else ""))
     rows = [STATUS_COLUMNS] + status_rows(st)
     widths = [max(len(r[i]) for r in rows) for i in range(len(STATUS_COLUMNS) - 1)]
     print()
@@ -113,6 +142,64 @@ def hash_key(args):
         return 1
     # the same digest as gproxy/auth.py (not imported: it loads PyJWT)
     print("sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest())
+
+
+@operator_command
+def reload(args):
+    """Check the file, HUP the arbiter, wait for the supervisor to show the
+    new config hash (or the reload error)."""
+    if check(argparse.Namespace(file=args.config)) != 0:
+        return 1
+    cfg, cfg_file, address, pidfile = target(args)
+    st = instance(args, cfg_file, address, pidfile)
+    digest = control.file_digest(cfg.source, config.DEFAULT_YAML)
+    os.kill(st["arbiter_pid"], signal.SIGHUP)
+    c = control.wait_reloaded(args.admin or cfg.admin.listen, st["config"].get("reloads", 0), digest,
+                              args.timeout)
+    print(f"gproxy: reloaded {c['file']} (sha256 {c['sha256'][:16]}) in arbiter pid {st['arbiter_pid']}")
+    return 0
+
+
+@operator_command
+def backend_action(args):
+    _, cfg_file, address, pidfile = target(args)
+    instance(args, cfg_file, address, pidfile)
+    path = f"/upstreams/{quote(args.upstream, safe='')}/backends/{quote(args.backend, safe='')}/{args.action}"
+    code, body = control.admin_request(address, "POST", path)
+    if code != 200:
+        raise control.ControlError(body.get("error", body) if isinstance(body, dict) else body)
+    print(f"gproxy: upstream {args.upstream} backend {args.backend}: {body['state']}")
+    return 0
+
+
+@operator_command
+def reopen_logs(args):
+    _, cfg_file, address, pidfile = target(args)
+    st = instance(args, cfg_file, address, pidfile)
+    os.kill(st["arbiter_pid"], signal.SIGUSR1)
+    print(f"gproxy: USR1 sent to arbiter pid {st['arbiter_pid']} (arbiter, workers and supervisor "
+          "reopen their log files)")
+    return 0
+
+
+@operator_command
+def drain_instance(args):
+    cfg, cfg_file, address, pidfile = target(args)
+    st = instance(args, cfg_file, address, pidfile)
+    code, body = control.admin_request(address, "POST", f"/instance/{'enable' if args.cancel else 'drain'}")
+    if code != 200:
+        raise control.ControlError(f"admin endpoint {address} answered {code}: {body}")
+    if args.cancel:
+        print("gproxy: instance drain cancelled; the health path answers 200")
+        return 0
+    delay = body["drain_delay_s"]
+    print(f"gproxy: health path answers 503; graceful stop of arbiter pid {st['arbiter_pid']} in {delay:g}s")
+    if args.no_wait:
+        return 0
+    limit = delay + (cfg.graceful_timeout if cfg else 30) + 10
+    if not control.wait_gone(st["arbiter_pid"], limit):
+        raise control.ControlError(f"arbiter pid {st['arbiter_pid']} still running after {limit:g}s")
+    print(f"gproxy: arbiter pid {st['arbiter_pid']} stopped")
     return 0
 
 
@@ -123,11 +210,29 @@ def main(argv=None):
     c = sub.add_parser("check", help="validate a configuration file (exit 0 if valid, 1 if not)")
     c.add_argument("file", nargs="?", help="config file (default: $GPROXY_CONFIG, ./gproxy.yaml, built-in)")
     c.set_defaults(func=check)
-    s = sub.add_parser("status", help="print every backend's state from the admin endpoint")
-    s.add_argument("--admin", metavar="HOST:PORT", help="admin endpoint (default: admin.listen of the config)")
-    s.add_argument("--config", help="config file to read admin.listen from (default: as gproxy)")
-    s.add_argument("--json", action="store_true", help="print the /status JSON as it is")
-    s.set_defaults(func=status)
+    def instance_parser(name, func, help):
+        s = sub.add_parser(name, help=help)
+        s.add_argument("--config", help="config file (default: $GPROXY_CONFIG, ./gproxy.yaml, built-in)")
+        s.add_argument("--admin", metavar="HOST:PORT", help="admin endpoint (default: admin.listen of the config)")
+        s.add_argument("--pidfile", help="the arbiter's pidfile (default: pidfile of the config)")
+        s.set_defaults(func=func)
+        return s
+
+    instance_parser("status", status, "print every backend's state from the admin endpoint").add_argument(
+        "--json", action="store_true", help="print the /status JSON as it is")
+    instance_parser("reload", reload, "check the config, HUP the arbiter, wait for the result").add_argument(
+        "--timeout", type=float, default=30, help="seconds to wait for the reload (default 30)")
+    for action, text in (("drain", "take a backend out of rotation (in-flight requests complete)"),
+                         ("enable", "put a drained backend back in rotation")):
+        b = instance_parser(action, backend_action, text)
+        b.add_argument("upstream")
+        b.add_argument("backend", help="host:port, as gproxy status shows it")
+        b.set_defaults(action=action)
+    instance_parser("reopen-logs", reopen_logs, "USR1 to the arbiter: every process reopens its log files")
+    d = instance_parser("drain-instance", drain_instance,
+                        "health_path answers 503 for drain_delay, then a graceful stop")
+    d.add_argument("--no-wait", action="store_true", help="return once the drain has begun")
+    d.add_argument("--cancel", action="store_true", help="cancel a drain whose stop has not come yet")
     h = sub.add_parser("hash-key", help="print the sha256:... line of an API-key file for a key "
                                         "read from stdin")
     h.add_argument("--new", action="store_true",

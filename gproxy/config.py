@@ -5,6 +5,10 @@ Rule 1: every error names the file, the line and the key path, e.g.
 Rule 2: unknown keys are errors (a typo must not silently mean a default).
 Rule 3: every default lives here, next to the precedent it follows.
 
+Rule 4: ``${VAR}`` and ``${VAR:-default}`` in a value take it from the
+        environment (containers, secrets); an unset variable without a default
+        is an error naming file, line and key. ``$${`` is a literal ``${``.
+
 Where the file comes from: ``$GPROXY_CONFIG``, else ``./gproxy.yaml``, else
 the built-in default (``DEFAULT_YAML``). This is the only module that imports
 ``yaml``.
@@ -36,8 +40,10 @@ DEFAULT_YAML = """\
 # gproxy built-in default: a forward proxy on loopback for local clients
 # (curl -x http://127.0.0.1:8080 ...). With no routes every origin-form
 # request is answered 404 until a config file says where to send it.
-listen: ["127.0.0.1:8080"]
+# GPROXY_LISTEN changes the address (the container image sets 0.0.0.0:8080).
+listen: ["${GPROXY_LISTEN:-127.0.0.1:8080}"]
 workers: 2
+health_path: /-/health
 forward_proxy:
   enabled: true
   allow_clients: ["127.0.0.0/8", "::1/128"]
@@ -266,6 +272,11 @@ class Config:
     supervisor: Supervisor = field(default_factory=Supervisor)
     runtime_dir: str | None = None          # None: $XDG_RUNTIME_DIR, else /dev/shm, else /tmp
     rate_limit_store: "RateLimitStore" = field(default_factory=lambda: RateLimitStore())
+    health_path: str | None = None          # HAProxy monitor-uri: off unless configured
+    # An instance drained for an LB must stay up until the LB's checks see
+    # 503: HAProxy's defaults (inter 2s, fall 3) take 6 s.
+    drain_delay: float = 10.0
+    pidfile: str | None = None              # gunicorn's default: none
 
 
 # --- YAML with line numbers -----------------------------------------------
@@ -310,7 +321,34 @@ class _Doc:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.plain(loader, item, f"{path}[{i}]") for i, item in enumerate(node.value)]
+        if "$" in node.value:
+            node = expand_node(self, loader, node, path)
         return loader.construct_object(node, deep=True)
+
+
+_ENV_REF = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_node(doc, loader, node, path):
+    """A scalar with ``${VAR}`` / ``${VAR:-default}`` replaced from the
+    environment. An unquoted value is typed after expansion (``port: ${P}``
+    is an integer), as if the value had been written there."""
+    def sub(m):
+        if m.group(0) == "$${":
+            return "${"
+        value = os.environ.get(m.group(1))
+        if value is None or (value == "" and m.group(2) is not None):
+            if m.group(2) is None:
+                doc.fail(path, f"environment variable {m.group(1)} is not set "
+                               f"(write ${{{m.group(1)}:-default}} to give a default)")
+            return m.group(2)
+        return value
+
+    text = _ENV_REF.sub(sub, node.value)
+    tag = node.tag
+    if not node.style:          # plain scalar: resolve its type again
+        tag = loader.resolve(yaml.ScalarNode, text, (True, False))
+    return yaml.ScalarNode(tag, text, node.start_mark, node.end_mark, node.style)
 
 
 def _parse_yaml(text, source):
@@ -435,6 +473,11 @@ def cidr(doc, value, path):
         return ipaddress.ip_network(string(doc, value, path), strict=False)
     except ValueError:
         doc.fail(path, f"not an IP address or CIDR block: {value!r}")
+
+
+def optional(parse):
+    """``null`` is the default (None) for keys documented as ``null``."""
+    return lambda doc, value, path: None if value is None else parse(doc, value, path)
 
 
 def list_of(item):
@@ -657,8 +700,8 @@ def forward_proxy(doc, value, path):
         "enabled": boolean, "allow_clients": list_of(cidr), "allow_hosts": list_of(host_glob),
         "deny_hosts": list_of(host_glob), "connect_ports": list_of(port_range),
         "http_ports": list_of(port_range), "block_private_destinations": boolean,
-        "allow_private": list_of(cidr), "auth": auth, "via": boolean, "via_name": string,
-        "x_forwarded_for": boolean, "max_body": size,
+        "allow_private": list_of(cidr), "auth": auth, "via": boolean, "via_name": optional(string),
+        "x_forwarded_for": boolean, "max_body": optional(size),
         "timeouts": lambda d, v, p: Timeouts(**fields(d, v, p, {
             "connect": duration, "response_header": duration, "idle": duration,
             "total": duration})),
@@ -673,11 +716,11 @@ def forward_proxy(doc, value, path):
 
 def tunnel(doc, value, path):
     kw = fields(doc, value, path, {
-        "idle_timeout": duration, "max_duration": duration,
+        "idle_timeout": duration, "max_duration": optional(duration),
         "upgrade_protocols": list_of(lambda d, v, p: string(d, v, p).lower())})
     if kw.get("idle_timeout") == 0:
         doc.fail(f"{path}.idle_timeout", "must be more than 0")
-    if kw.get("max_duration") == 0:
+    if not kw.get("max_duration"):
         kw["max_duration"] = None
     return Tunnel(**kw)
 
@@ -708,6 +751,9 @@ TOP = {
     "supervisor": lambda d, v, p: Supervisor(**fields(d, v, p, {"stale_after": duration})),
     "runtime_dir": string,
     "rate_limit_store": lambda d, v, p: rate_limit_store(d, v, p),
+    "health_path": matching(r"^/[^?#\s]*$", "must be a path starting with '/'"),
+    "drain_delay": duration,
+    "pidfile": string,
 }
 
 

@@ -17,6 +17,10 @@ Rule 3: the supervisor is started in ``when_ready`` and watched by a thread
 Rule 4: each arbiter has its own runtime directory, named by its pid, so the
         two generations of a USR2 upgrade never share state. Workers learn it
         from ``$GPROXY_RUNTIME_DIR``, set before they are forked.
+Rule 5: USR1 to the arbiter (logrotate) reopens its files and its workers'
+        (gunicorn) and, passed on here, the supervisor's. A USR1 sent to the
+        supervisor directly (``systemctl kill`` without ``--kill-who=main``)
+        reopens its files too, and never kills it.
 """
 
 import logging
@@ -28,7 +32,7 @@ import sys
 import threading
 import time
 
-from . import config
+from . import config, logs
 from .errors import ConfigError
 
 log = logging.getLogger("gproxy.error")
@@ -158,12 +162,23 @@ class SupervisorKeeper:
 
 # --- the hooks ------------------------------------------------------------------
 
+def forget_settings(module_name):
+    """gunicorn imports a ``python:`` config module once and keeps it; drop it
+    so that the next HUP executes it again (reads the YAML file again)."""
+    sys.modules.pop(module_name, None)
+
+
 def when_ready(server):
     directory = runtime_dir(CONFIG or config.load(), os.getpid())
     os.environ[ENV_RUNTIME_DIR] = directory     # inherited by every worker forked after this
     keeper = SupervisorKeeper(directory)
     keeper.start()
     server.gproxy_supervisor = keeper
+
+    def reopen_supervisor_logs():
+        if os.getpid() == keeper.arbiter_pid:   # not in the workers, which inherit this list
+            keeper.signal(signal.SIGUSR1)
+    logs.ON_REOPEN[:] = [reopen_supervisor_logs]
     server.log.info("gproxy supervisor started (pid %d), runtime directory %s",
                     keeper.proc.pid, directory)
 

@@ -9,7 +9,8 @@ Rule 1: to stderr by default ("-", container friendly), or to a file opened
         with a plain ``logging.FileHandler``. gunicorn reopens every
         FileHandler of every logger on USR1 (``Logger.reopen_files``, in the
         arbiter and in each worker), which is what logrotate's ``postrotate``
-        sends, as for nginx.
+        sends, as for nginx. The arbiter's reopen also reaches the
+        supervisor (``ON_REOPEN``), which is not one of gunicorn's workers.
 Rule 2: a JSON line is one object: ``time``, ``level``, ``logger``, ``pid``,
         ``message``, plus the structured ``fields`` a caller passed with
         ``extra={"fields": {...}}`` (an upstream failure names its route,
@@ -83,9 +84,21 @@ def setup(error_cfg):
     return log
 
 
-# -- gunicorn's own error log in JSON -----------------------------------------
+# -- gunicorn's own error log: reopened with the supervisor's, text or JSON -----
 
-class _JsonGunicorn:
+# Called after gunicorn reopened this process's files (USR1, HUP): the
+# arbiter registers one that passes USR1 on to the supervisor.
+ON_REOPEN = []
+
+
+class _Reopen:
+    def reopen_files(self):
+        super().reopen_files()
+        for fn in ON_REOPEN:
+            fn()
+
+
+class _JsonGunicorn(_Reopen):
     """Mixin: after gunicorn set up its error log handler, give it the JSON
     formatter (gunicorn builds a text one from ``error_fmt``)."""
 
@@ -104,10 +117,18 @@ class JsonStatsdLogger(_JsonGunicorn, _GunicornStatsd):
     pass
 
 
+class TextLogger(_Reopen, _GunicornLogger):
+    pass
+
+
+class TextStatsdLogger(_Reopen, _GunicornStatsd):
+    pass
+
+
 def gunicorn_logger_class(error_cfg, gunicorn_statsd):
-    """The value for gunicorn's ``logger_class``. For text, gunicorn's default,
-    which gunicorn itself swaps for its Statsd logger when ``statsd_host`` is
-    set; for JSON, our subclass of the class gunicorn would have used."""
-    if error_cfg.format == "text":
-        return "gunicorn.glogging.Logger"
-    return "gproxy.logs.JsonStatsdLogger" if gunicorn_statsd else "gproxy.logs.JsonLogger"
+    """The value for gunicorn's ``logger_class``: our subclass of the class
+    gunicorn would have used (its Statsd logger when ``statsd_host`` is set).
+    The arbiter keeps its logger class across HUPs (``Arbiter.setup``), so a
+    change of ``error_log.format`` or ``statsd.gunicorn`` needs a restart."""
+    kind = "Json" if error_cfg.format == "json" else "Text"
+    return f"gproxy.logs.{kind}{'Statsd' if gunicorn_statsd else ''}Logger"

@@ -15,7 +15,7 @@ import ipaddress
 import time
 from random import getrandbits
 
-from . import downstream, errors, exchange, forward as _forward, gateway, headers as H, stats
+from . import downstream, errors, exchange, forward as _forward, gateway, headers as H, instance, stats
 from . import upgrade as _upgrade
 from .balancer import make_policy
 from .exchange import Exchange
@@ -110,10 +110,13 @@ class ProxyApp:
         self.forward_proxy = _forward.ForwardProxy(self.recorder, config)
         self.upgrades = _upgrade.Upgrades(self.recorder, config.tunnel)
         self.gate = gateway.Gate(config, self.stats, self.is_trusted, shared and shared.runtime_dir)
+        self.lb_health = instance.HealthPath(config)     # health_path for the LB in front
 
     # -- the story -----------------------------------------------------------
 
     def __call__(self, environ, start_response):
+        if self.lb_health.matches(environ):
+            return self.lb_health(environ, start_response)
         ex = Exchange(environ)
         self.stats.request_started()
         request = downstream.request(environ)

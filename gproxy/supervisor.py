@@ -6,7 +6,8 @@ failure reports, drains, the shared health table (its only writer) and the
 admin endpoint. It is a plain threaded process, not a gevent worker.
 
 Threads:
-    main            queued signals (HUP: reload; TERM/INT/QUIT: stop), the
+    main            queued signals (HUP: reload; USR1: reopen the log files;
+                    TERM/INT/QUIT: stop), the
                     heartbeat publish, the watch on the arbiter
     check_<u>_<b>   one per actively checked backend, so a slow backend
                     delays only its own checks
@@ -41,6 +42,7 @@ from . import __version__, config, errors, logs
 from .errors import ConfigError
 from .health import ActiveHealth, SharedPassive
 from .healthtable import FailureReceiver, TableFull, TableWriter, encode, failures_path, table_path
+from .instance import InstanceDrain
 from .stats import Stats
 
 log = logging.getLogger("gproxy.error")
@@ -194,6 +196,8 @@ class Supervisor:
         self.digest = ""
         self.loaded_at = 0.0
         self.reload_error = None
+        self.reloads = 0            # HUPs handled, good or bad (gproxy reload waits on it)
+        self.instance = InstanceDrain(runtime_dir, arbiter_pid)
         self.backends = {}          # (upstream, backend name) -> BackendHealth, config order
         self.checkers = {}
         self.counts = {}
@@ -244,6 +248,7 @@ class Supervisor:
             self.start_admin()
 
     def reload(self):
+        self.reloads += 1
         try:
             cfg = config.load()
         except ConfigError as e:
@@ -350,7 +355,8 @@ class Supervisor:
         self.wake.set()
 
     def run(self):
-        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, PARENT_DEATH_SIGNAL):
+        for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, PARENT_DEATH_SIGNAL,
+                    signal.SIGUSR1):
             signal.signal(sig, self.queue_signal)
         threading.Thread(target=self.receive_failures, name="failure_reports", daemon=True).start()
         while True:
@@ -360,6 +366,8 @@ class Supervisor:
                 sig = self.signals.pop(0)
                 if sig == signal.SIGHUP:
                     self.reload()
+                elif sig == signal.SIGUSR1:     # logrotate moved the files
+                    logs.setup(self.cfg.error_log)
                 elif sig == PARENT_DEATH_SIGNAL:
                     if self.parent_exited():
                         return self.stop(f"the arbiter (pid {self.arbiter_pid}) died")
@@ -482,6 +490,7 @@ def main(argv=None):
     p.add_argument("--runtime-dir", required=True)
     p.add_argument("--arbiter-pid", type=int, required=True)
     args = p.parse_args(argv)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # a reopen before run() must not kill it
     setup_log()
     if not die_with_parent(args.arbiter_pid):
         log.error("supervisor: the arbiter (pid %d) is already gone", args.arbiter_pid)
