@@ -264,8 +264,13 @@ class Backend:
 class GProxy:
     """gproxy under real gunicorn: ``GProxy(tmp_path, yaml_text).start()``."""
 
-    def __init__(self, workdir, config_text, env=None):
+    def __init__(self, workdir, config_text, env=None, conf=None, launcher=None):
         self.workdir = str(workdir)
+        # gunicorn's -c: the checkout's gunicorn.conf.py, or e.g. "python:gproxy.gunicorn_conf"
+        self.conf = conf or os.path.join(REPO, "gunicorn.conf.py")
+        # a USR2 upgrade re-executes argv, which works with the gunicorn
+        # script, not with "python -m gunicorn" (gunicorn/http shadows http)
+        self.launcher = launcher or [sys.executable, "-m", "gunicorn"]
         self.port = free_port()
         self.config_path = os.path.join(self.workdir, "gproxy.yaml")
         with open(self.config_path, "w") as f:
@@ -280,7 +285,7 @@ class GProxy:
 
     def start(self, timeout=15):
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "-c", os.path.join(REPO, "gunicorn.conf.py"), "gproxy.wsgi"],
+            [*self.launcher, "-c", self.conf, "gproxy.wsgi"],
             cwd=self.workdir, env=self.env,
             stdout=open(self.stdout_path, "wb"), stderr=open(self.stderr_path, "wb"))
         deadline = time.monotonic() + timeout
@@ -330,6 +335,17 @@ class GProxy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+    def cli(self, *args, timeout=60):
+        """``gproxy ARGS --config <this config>`` (the installed command's
+        entry point, from this checkout): the CompletedProcess, text."""
+        return subprocess.run([sys.executable, "-m", "gproxy.cli", *args, "--config", self.config_path],
+                              env=self.env, cwd=self.workdir, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def write_config(self, text):
+        with open(self.config_path, "w") as f:
+            f.write(text.replace("{port}", str(self.port)))
 
     def stdout(self):
         with open(self.stdout_path, "rb") as f:
