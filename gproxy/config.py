@@ -753,7 +753,7 @@ TOP = {
     "rate_limit_store": lambda d, v, p: rate_limit_store(d, v, p),
     "health_path": matching(r"^/[^?#\s]*$", "must be a path starting with '/'"),
     "drain_delay": duration,
-    "pidfile": string,
+    "pidfile": optional(string),
 }
 
 

@@ -63,6 +63,7 @@ def test_five_hup_reloads_under_load_fail_nothing(gproxy, backends, tmp_path):
     admin = free_port()
     bs = backends(2)
     g = gproxy(conf(tmp_path, bs, admin))
+    wait_until(lambda: g.cli("status").returncode == 0, 10, "the admin endpoint")
     load = Load(g.port, max_seconds=30).start()
     added = None
     for i in range(5):
