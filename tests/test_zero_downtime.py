@@ -64,7 +64,7 @@ def test_five_hup_reloads_under_load_fail_nothing(gproxy, backends, tmp_path):
     bs = backends(2)
     g = gproxy(conf(tmp_path, bs, admin))
     wait_until(lambda: g.cli("status").returncode == 0, 10, "the admin endpoint")
-    load = Load(g.port, max_seconds=30).start()
+    load = Load(g.port, max_seconds=60).start().progress(50)
     added = None
     for i in range(5):
         time.sleep(0.8)
@@ -76,11 +76,10 @@ def test_five_hup_reloads_under_load_fail_nothing(gproxy, backends, tmp_path):
         assert r.returncode == 0, r.stderr
         assert "reloaded" in r.stdout
         new_workers(g, before)
-    time.sleep(0.5)
+    load.progress(100)          # the new workers serve
     load.stop()
     print(f"5 HUP reloads: {load.summary()}")
     assert load.failures == [], load.summary()
-    assert load.ok > 500, load.summary()
     assert load.backends[added.name] > 0, load.backends      # the added backend serves
 
 
@@ -88,8 +87,7 @@ def test_usr2_upgrade_then_term_of_the_old_master_fails_nothing(gproxy, backends
     g, _ = start(gproxy, backends, tmp_path, launcher=[GUNICORN])
     old = g.proc.pid
     pidfile = tmp_path / "gproxy.pid"
-    load = Load(g.port, max_seconds=30).start()
-    time.sleep(0.5)
+    load = Load(g.port, max_seconds=60).start().progress(50)
     os.kill(old, signal.SIGUSR2)
     new = wait_until(lambda: [p for p in children(old) if "gunicorn" in cmdline(p) and
                               "worker" not in cmdline(p) and "supervisor" not in cmdline(p)], 15,
@@ -100,15 +98,14 @@ def test_usr2_upgrade_then_term_of_the_old_master_fails_nothing(gproxy, backends
         # gunicorn: the new master writes <pidfile>.2, and takes <pidfile>
         # over once the old master is gone
         wait_until(lambda: read_pid(str(pidfile) + ".2") == new, 5, "the new master's pidfile")
-        time.sleep(0.5)
+        load.progress(50)
         g.proc.send_signal(signal.SIGTERM)      # the old master stops gracefully
         g.proc.wait(15)
         wait_until(lambda: read_pid(pidfile) == new, 5, "the new master promoted")
-        time.sleep(1.0)                         # the new generation alone
+        load.progress(100)                      # the new generation alone
         load.stop()
         print(f"USR2 + TERM of the old master: {load.summary()}")
         assert load.failures == [], load.summary()
-        assert load.ok > 300, load.summary()
         assert alive(new)
         wait_until(lambda: [p for p in children(new) if "gproxy.supervisor" in cmdline(p)], 5,
                    "the new generation's supervisor")
@@ -132,15 +129,13 @@ def test_graceful_term_completes_long_requests_in_flight(gproxy, backends, tmp_p
 def test_sigkill_of_the_supervisor_fails_nothing(gproxy, backends, tmp_path):
     g, _ = start(gproxy, backends, tmp_path)
     first = wait_until(lambda: supervisor_pid(g), 10, "the supervisor")
-    load = Load(g.port, max_seconds=20).start()
-    time.sleep(0.5)
+    load = Load(g.port, max_seconds=60).start().progress(50)
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: (supervisor_pid(g) or first) != first, 10, "a new supervisor")
-    time.sleep(1.0)
+    load.progress(100)
     load.stop()
     print(f"SIGKILL of the supervisor: {load.summary()}")
     assert load.failures == [], load.summary()
-    assert load.ok > 200, load.summary()
 
 
 def test_sigkill_of_one_worker_fails_only_its_connections(gproxy, backends, tmp_path):
@@ -148,16 +143,14 @@ def test_sigkill_of_one_worker_fails_only_its_connections(gproxy, backends, tmp_
     at most one failure per connection of the load (4), each a reset or a
     closed connection, and none once the arbiter has replaced the worker."""
     g, _ = start(gproxy, backends, tmp_path)
-    load = Load(g.port, path="/sleep/20", max_seconds=20).start()
-    time.sleep(0.5)
+    load = Load(g.port, path="/sleep/20", max_seconds=60).start().progress(50)
     victim = g.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     wait_until(lambda: len(g.worker_pids()) == 2 and victim not in g.worker_pids(), 10,
                "the replacement worker")
-    time.sleep(1.0)
+    load.progress(100)
     load.stop()
     print(f"SIGKILL of one worker: {len(load.failures)} failed of {load.ok + len(load.failures)}")
     assert len(load.failures) <= load.n, load.summary()
     assert all(t - killed_at < 1.0 for t, _ in load.failures), load.summary()
-    assert load.ok > 100, load.summary()
