@@ -111,7 +111,8 @@ def test_drain_and_enable_a_backend(running):
 def test_status_with_a_broken_file_uses_the_default_admin_address(gproxy, backends, tmp_path):
     bs = backends(1)
     g = gproxy(conf(tmp_path, bs, 9901, pidfile=False))     # the default admin address
-    wait_until(lambda: g.cli("status").returncode == 0, 30, "this instance's supervisor on 9901 (another gproxy on this machine may hold it)")
+    wait_until(lambda: g.cli("status").returncode == 0, 30,
+               "this instance's supervisor on 9901 (another gproxy on this machine may hold it)")
     with open(g.config_path, "a") as f:
         f.write("routes: twice\n")
     r = g.cli("status")
