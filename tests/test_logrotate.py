@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 from loadgen import Load
 from servers import REPO, free_port, wait_until

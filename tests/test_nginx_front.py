@@ -4,6 +4,7 @@ certificate made for the test: HTTPS requests, the forwarding headers the
 backend sees, a WebSocket through both, nginx's keep-alive connections to
 gproxy, and HUP reloads of gproxy under load through nginx."""
 
+import http.client
 import os
 import re
 import shutil
@@ -11,8 +12,6 @@ import signal
 import socket
 import ssl
 import subprocess
-import time
-import http.client
 
 import pytest
 import trustme
