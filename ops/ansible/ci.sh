@@ -17,7 +17,7 @@ if [ ! -x "$ans/bin/ansible-playbook" ] || [ ! -x "$ans/bin/ansible-lint" ]; the
   "$ans/bin/pip" install -q --disable-pip-version-check 'ansible-core>=2.17,<2.20' 'ansible-lint>=25,<27' \
     2> >(grep -v "^WARNING: Location" >&2)
 fi
-export ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 ANSIBLE_LOCALHOST_WARNING=false ANSIBLE_INVENTORY_UNPARSED_WARNING=false
+export PATH="$repo/$ans/bin:$PATH" ANSIBLE_NOCOLOR=1 ANSIBLE_FORCE_COLOR=0 ANSIBLE_LOCALHOST_WARNING=false ANSIBLE_INVENTORY_UNPARSED_WARNING=false
 
 echo "== ansible-lint"
 (cd ops/ansible && "$repo/$ans/bin/ansible-lint" --offline -q playbook.yml roles/gproxy)
