@@ -42,17 +42,18 @@ class HealthPath:
         runtime_dir = runtime_dir or os.environ.get(ENV_RUNTIME_DIR)
         self.marker = marker(runtime_dir) if runtime_dir else None
 
-    def matches(self, environ):
-        return self.path is not None and environ.get("RAW_URI", "").split("?", 1)[0] == self.path
+    def matches(self, target):
+        """``target``: the request target as sent (query ignored)."""
+        return self.path is not None and target.split("?", 1)[0] == self.path
 
     def draining(self):
         return self.marker is not None and os.path.exists(self.marker)
 
-    def __call__(self, environ, start_response):
+    def __call__(self, method, start_response):
         status, body = ("503 Service Unavailable", b"draining\n") if self.draining() else ("200 OK", b"ok\n")
         start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
                                 ("Cache-Control", "no-store")])
-        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+        return [] if method == "HEAD" else [body]
 
 
 class InstanceDrain:

@@ -115,8 +115,8 @@ class ProxyApp:
     # -- the story -----------------------------------------------------------
 
     def __call__(self, environ, start_response):
-        if self.lb_health.matches(environ):
-            return self.lb_health(environ, start_response)
+        if self.lb_health.matches(environ.get("RAW_URI", "")):
+            return self.lb_health(environ["REQUEST_METHOD"], start_response)
         ex = Exchange(environ)
         self.stats.request_started()
         request = downstream.request(environ)

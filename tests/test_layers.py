@@ -15,7 +15,7 @@ LAYERS = [
     ("configuration", {"config"}),
     ("decisions", {"router", "balancer", "health", "acl", "ratelimit", "cachepolicy"}),
     ("adapters", {"h1", "transport", "healthtable", "tunnel", "stats", "accesslog", "htpasswd",
-                  "downstream", "ratestore", "cachestore", "counters", "auth"}),
+                  "downstream", "ratestore", "cachestore", "counters", "auth", "instance", "control"}),
     ("exchange", {"exchange"}),
     ("orchestration", {"proxy", "forward", "upgrade", "cache", "gateway"}),
     ("processes", {"worker", "wsgi", "supervisor", "lifecycle", "admin", "cli", "logs",
