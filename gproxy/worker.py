@@ -69,6 +69,11 @@ RECV = 65536
 PARK_AFTER = 1.0
 PARK = object()
 LINGER_TIME = 2.0       # nginx lingering_time is 30 s; we only drain a little
+# A stopping worker (HUP, TERM) still answers, with Connection: close, a request
+# that comes on an idle keep-alive connection within this long, and only then
+# closes the idle ones (HAProxy idle-close-on-response): closing at once races
+# a client that is sending its next request, which then fails.
+IDLE_GRACE = 1.0
 LINGER_BYTES = 1 << 20
 NO_BODY_STATUS = frozenset((204, 304))
 REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
@@ -98,8 +103,10 @@ class Server(StreamServer):
 class Worker(GeventWorker):
     """``worker_class: gproxy`` (gunicorn.conf.py). gunicorn's gevent worker
     with its own connection handler, and a stop that does not poll: a
-    stopping worker ends its idle keep-alive connections at once and leaves
-    as soon as the last busy one is done (or at ``graceful_timeout``)."""
+    stopping worker answers a request that comes on an idle keep-alive
+    connection within ``IDLE_GRACE`` (with Connection: close), then ends the
+    idle ones, and leaves as soon as the last busy one is done (or at
+    ``graceful_timeout``)."""
 
     DRAIN_POLL = 0.05
 
@@ -110,6 +117,7 @@ class Worker(GeventWorker):
         self.idle = set()           # connections waiting for their next request
         self.idle_closed = False
         self.parked = set()         # idle keep-alive connections without a greenlet
+        self.idle_close_at = None   # when stopping: IDLE_GRACE after the stop began
         self.resumed = Pool()       # greenlets of connections back from parking
         self.stopping = Event()
 
@@ -130,22 +138,23 @@ class Worker(GeventWorker):
             self.stopping.wait(1.0)
         for server in servers:
             server.close()              # stop accepting
-        self.notify()                   # ends idle keep-alive connections
-        self.sweep(time.monotonic())
+        self.idle_close_at = time.monotonic() + min(IDLE_GRACE, self.cfg.graceful_timeout)
         deadline = time.monotonic() + self.cfg.graceful_timeout
-        while len(self.resumed) or any(server.pool.free_count() != server.pool.size
-                                       for server in servers):
+        while len(self.resumed) or self.parked or any(server.pool.free_count() != server.pool.size
+                                                      for server in servers):
             if time.monotonic() >= deadline:
                 self.log.warning("Worker graceful timeout (pid:%s)", self.pid)
                 for server in servers:
                     server.stop(timeout=1)
                 return
-            self.notify()
+            self.notify()               # ends idle keep-alive connections after IDLE_GRACE
+            self.sweep(time.monotonic())
             gevent.sleep(self.DRAIN_POLL)
 
     def handle_exit(self, sig, frame):
         self.alive = False
-        gevent.spawn(self.stopping.set)     # not from the signal handler itself
+        if hasattr(self, "stopping"):       # not yet during load_wsgi: run() sees alive
+            gevent.spawn(self.stopping.set)     # not from the signal handler itself
 
     def handle(self, listener, client, addr):
         client.setblocking(1)
@@ -191,19 +200,22 @@ class Worker(GeventWorker):
         stopping); called once a second."""
         keepalive = self.limits.keepalive
         for conn in list(self.parked):
-            if not self.alive or now - conn.idle_since >= keepalive:
+            if self.idle_grace_over(now) or now - conn.idle_since >= keepalive:
                 conn.watcher.stop()
                 self.parked.discard(conn)
                 conn.close()
 
     def notify(self):
         super().notify()
-        if not self.alive and not self.idle_closed:
+        if self.idle_grace_over(time.monotonic()) and not self.idle_closed:
             # Stopping: idle keep-alive connections would hold the graceful
             # drain until graceful_timeout; end them now (nginx does too).
             self.idle_closed = True
             for conn in list(self.idle):
                 conn.wake()
+
+    def idle_grace_over(self, now):
+        return not self.alive and self.idle_close_at is not None and now >= self.idle_close_at
 
     def request_done(self):
         self.nr += 1
@@ -348,9 +360,12 @@ class Connection:
         """The first bytes of the next request; PARK after ``PARK_AFTER``
         seconds of waiting, None at the keep-alive timeout or the end."""
         worker = self.worker
-        if not worker.alive:
+        now = time.monotonic()
+        if worker.idle_grace_over(now):
             return None
-        left = self.idle_since + self.limits.keepalive - time.monotonic()
+        left = self.idle_since + self.limits.keepalive - now
+        if not worker.alive:            # stopping: wait IDLE_GRACE at most
+            left = min(left, (worker.idle_close_at or now + IDLE_GRACE) - now)
         if left <= 0:
             return None
         worker.idle.add(self)
