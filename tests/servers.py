@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from gproxy import control
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -421,13 +423,7 @@ def cmdline(pid):
         return ""
 
 
-def alive(pid):
-    """True while the process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+alive = control.alive     # true while the process exists and is not a zombie
 
 
 def supervisor_pid(g):
