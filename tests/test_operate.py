@@ -234,9 +234,31 @@ def readme_yaml_blocks():
             for m in re.finditer(r"^```yaml\n(.*?)^```", text, re.S | re.M)]
 
 
-@pytest.mark.parametrize("line,block", readme_yaml_blocks(), ids=lambda v: str(v) if isinstance(v, int) else "")
+def jwks():
+    """A JWKS with one RSA public key, for the README's jwks_file."""
+    import base64
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    n = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_numbers()
+
+    def b64(i):
+        return base64.urlsafe_b64encode(i.to_bytes((i.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
+    return json.dumps({"keys": [{"kty": "RSA", "kid": "k1", "alg": "RS256", "use": "sig",
+                                 "n": b64(n.n), "e": b64(n.e)}]})
+
+
+# A block that starts "# NAME: ..." is the file NAME that the other examples name
+FILES = {m.group(1): block for _, block in readme_yaml_blocks()
+         for m in [re.match(r"# ([\w.-]+\.ya?ml):", block)] if m}
+
+
+@pytest.mark.parametrize("line,block", [(n, b) for n, b in readme_yaml_blocks()
+                                        if not re.match(r"# [\w.-]+\.ya?ml:", b)],
+                         ids=lambda v: str(v) if isinstance(v, int) else "")
 def test_every_readme_yaml_block_passes_gproxy_check(tmp_path, line, block):
     (tmp_path / "users.htpasswd").write_text("")     # the file the forward-proxy example names
+    (tmp_path / "jwks.json").write_text(jwks())      # and the gateway example
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
     f = tmp_path / f"readme-{line}.yaml"
     f.write_text(block)
     r = subprocess.run([sys.executable, "-m", "gproxy.cli", "check", str(f)], capture_output=True,
