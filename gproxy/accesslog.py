@@ -65,7 +65,8 @@ def format_combined(r):
             f'retries={r["retries"]} in={r["bytes_in"]} rid={r["request_id"]}'
             + (f' error={r["error"]}' if r["error"] else "")
             + (f' consumer={_q(r["consumer"])}' if r.get("consumer") else "")
-            + (f' reason={r["reason"]}' if r.get("reason") else ""))
+            + (f' reason={r["reason"]}' if r.get("reason") else "")
+            + (f' cache={r["cache_status"]}' if r.get("cache_status") else ""))
 
 
 def _q(v):

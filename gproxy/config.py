@@ -162,6 +162,29 @@ class Route:
     name: str = ""                  # for logs and metrics; default: the index
     rate_limit: "RateLimit | None" = None   # off unless configured (nginx: no limit_req)
     auth: "Auth | None" = None              # off unless configured
+    cache: "RouteCache | None" = None   # off unless configured (nginx: no proxy_cache)
+
+
+@dataclass(frozen=True)
+class CacheStore:
+    path: str = "/var/cache/gproxy"     # nginx packages use /var/cache/nginx
+    max_size: int = 1 << 30             # bytes of bodies; nginx proxy_cache_path max_size
+    max_object_size: int = 64 << 20     # larger responses are relayed, not stored
+    lock_timeout: float = 5.0           # nginx proxy_cache_lock_timeout
+
+
+CACHE_KEY_PARTS = ("scheme", "host", "uri", "path", "query", "method", "upstream")
+
+
+@dataclass(frozen=True)
+class RouteCache:
+    enabled: bool = True
+    default_ttl: float | None = None    # for responses without freshness (nginx proxy_cache_valid)
+    stale_while_revalidate: float = 0.0  # when the response says nothing (RFC 5861)
+    stale_if_error: float = 0.0
+    key: tuple = ("scheme", "host", "uri")   # nginx's $scheme$proxy_host$request_uri
+    lock: bool = True                   # collapse concurrent misses (nginx proxy_cache_lock)
+    cdn_cache_control: bool = True      # obey CDN-Cache-Control (RFC 9213) before Cache-Control
 
 
 @dataclass(frozen=True)
@@ -277,6 +300,7 @@ class Config:
     # 503: HAProxy's defaults (inter 2s, fall 3) take 6 s.
     drain_delay: float = 10.0
     pidfile: str | None = None              # gunicorn's default: none
+    cache: CacheStore = field(default_factory=CacheStore)
 
 
 # --- YAML with line numbers -----------------------------------------------
@@ -654,7 +678,7 @@ def route(doc, raw, path, index, upstreams):
 
     spec = {"host": route_host, "path_prefix": path_prefix, "methods": methods,
             "strip_prefix": boolean, "upstream": string, "max_body": size, "name": name,
-            "rate_limit": rate_limit, "auth": auth}
+            "rate_limit": rate_limit, "auth": auth, "cache": route_cache}
     kw = fields(doc, raw, path, spec)
     gateway_checks(doc, kw, path)
     kw.setdefault("name", str(index))
@@ -663,6 +687,59 @@ def route(doc, raw, path, index, upstreams):
     if kw["upstream"] not in upstreams:
         doc.fail(f"{path}.upstream", f"no upstream named {kw['upstream']!r}")
     return Route(index=index, **kw)
+
+
+def cache_key_part(doc, value, path):
+    value = string(doc, value, path)
+    kind, sep, arg = value.partition(":")
+    if (kind in ("header", "cookie") and sep and arg) or (not sep and value in CACHE_KEY_PARTS):
+        return value
+    doc.fail(path, f"expected one of {', '.join(CACHE_KEY_PARTS)}, header:NAME or cookie:NAME, "
+                   f"got {value!r}")
+
+
+def route_cache(doc, value, path):
+    """``cache: {...}``; ``cache: true`` is every default, ``false`` none."""
+    if isinstance(value, bool):
+        return RouteCache() if value else None
+    kw = fields(doc, value, path, {
+        "enabled": boolean, "default_ttl": optional_duration,
+        "stale_while_revalidate": duration, "stale_if_error": duration,
+        "key": list_of(cache_key_part), "lock": boolean, "cdn_cache_control": boolean})
+    if "key" in kw and not kw["key"]:
+        doc.fail(f"{path}.key", "must name at least one part")
+    cfg = RouteCache(**kw)
+    return cfg if cfg.enabled else None
+
+
+def optional_duration(doc, value, path):
+    if value is False or value == "off":     # YAML 1.1 reads a bare `off` as false
+        return None
+    return duration(doc, value, path)
+
+
+def cache_store(doc, value, path):
+    kw = fields(doc, value, path, {"path": string, "max_size": size,
+                                   "max_object_size": size, "lock_timeout": duration})
+    if kw.get("max_size") == 0:
+        doc.fail(f"{path}.max_size", "must be more than 0")
+    return CacheStore(**kw)
+
+
+def check_cache_path(doc, cfg):
+    """A cached route needs a directory it can write; say so now, not at
+    the first request (``gproxy check`` runs this too)."""
+    if not any(r.cache for r in cfg.routes):
+        return
+    where = cfg.cache.path
+    probe = where
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe.rstrip("/")) or "/"
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        doc.fail("cache.path", f"cannot create or write the cache directory {where}")
 
 
 def log_format(doc, value, path):
@@ -754,6 +831,7 @@ TOP = {
     "health_path": matching(r"^/[^?#\s]*$", "must be a path starting with '/'"),
     "drain_delay": duration,
     "pidfile": optional(string),
+    "cache": cache_store,
 }
 
 
@@ -774,7 +852,9 @@ def parse(text, source="<string>"):
         doc.fail("routes", f"expected a list, got {type(routes).__name__}")
     kw["routes"] = tuple(route(doc, r, f"routes[{i}]", i, kw["upstreams"])
                          for i, r in enumerate(routes))
-    return Config(source=source, **kw)
+    cfg = Config(source=source, **kw)
+    check_cache_path(doc, cfg)
+    return cfg
 
 
 def load(path=None):

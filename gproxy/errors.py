@@ -95,6 +95,18 @@ class InvalidResponse(ProxyError):
     backend_fault = True
 
 
+class NotCached(ProxyError):
+    # RFC 9111 5.2.1.7: only-if-cached and nothing usable stored
+    status, reason, kind = 504, "Gateway Timeout", "not_cached"
+    body = "The response is not in the cache."
+
+
+class CacheEntryGone(ProxyError):
+    # a stale entry that was to stand in for an upstream error was evicted meanwhile
+    status, reason, kind = 502, "Bad Gateway", "cache_entry_gone"
+    body = "The upstream server failed and no stored response could stand in."
+
+
 class ClientAbort(ProxyError):
     # nginx logs 499 for a client that went away; nothing is sent to anyone.
     status, reason, kind = 499, "Client Closed Request", "client_abort"

@@ -73,7 +73,7 @@ class Exchange:
     __slots__ = ("start", "method", "target", "protocol", "client", "host", "route",
                  "upstream", "backend", "status", "bytes_in", "bytes_out", "retries",
                  "request_id", "upstream_time", "error", "user_agent", "referer", "body",
-                 "upstream_start", "connect_time", "consumer", "reason")
+                 "upstream_start", "connect_time", "consumer", "reason", "cache_status")
 
     def __init__(self, environ):
         self.start = time.time()
@@ -94,6 +94,7 @@ class Exchange:
         self.upstream_start = None     # monotonic, when the answering attempt began
         self.connect_time = None       # seconds, when that attempt opened a connection
         self.consumer = self.reason = None     # the authenticated client; why refused
+        self.cache_status = None       # X-Cache-Status on a cached route
 
     def record(self):
         if self.body is not None:
@@ -108,6 +109,7 @@ class Exchange:
             "retries": self.retries, "request_id": self.request_id, "error": self.error,
             "user_agent": self.user_agent, "referer": self.referer,
             "consumer": self.consumer, "reason": self.reason,
+            "cache_status": self.cache_status,
         }
 
 

@@ -15,7 +15,7 @@ import ipaddress
 import time
 from random import getrandbits
 
-from . import downstream, errors, exchange, forward as _forward, gateway, headers as H, instance, stats
+from . import cachehandler, downstream, errors, exchange, forward as _forward, gateway, headers as H, instance, stats
 from . import upgrade as _upgrade
 from .balancer import make_policy
 from .exchange import Exchange
@@ -111,6 +111,7 @@ class ProxyApp:
         self.upgrades = _upgrade.Upgrades(self.recorder, config.tunnel)
         self.gate = gateway.Gate(config, self.stats, self.is_trusted, shared and shared.runtime_dir)
         self.lb_health = instance.HealthPath(config)     # health_path for the LB in front
+        self.cache = cachehandler.Cache(config, self.recorder) if any(r.cache for r in config.routes) else None
 
     # -- the story -----------------------------------------------------------
 
@@ -132,8 +133,14 @@ class ProxyApp:
             if self.upgrades.requested(environ):    # WebSocket: a tunnel after the 101
                 return self.upgrades.relay(request, start_response, ex, up, target, fields,
                                            body, key)
-            attempt, resp = exchange.send(self.recorder, ex, up, key, target, fields, body,
-                                          up.cfg.passive.fail_status)
+            def send(f, ex=ex, body=body):
+                return exchange.send(self.recorder, ex, up, key, target, f, body,
+                                     up.cfg.passive.fail_status)
+            plan = self.cache.lookup(environ, ex, route, fields) if self.cache else None
+            sent = plan.forward(send) if plan is not None else send(fields)
+            if sent is None:    # answered from the cache (HIT, STALE, UPDATING; 504 only-if-cached)
+                return plan.serve(start_response, send)
+            attempt, resp = sent
         except errors.ProxyError as e:
             return self.fail(e, ex, start_response)
         return exchange.respond(self.recorder, ex, attempt, resp, start_response)

@@ -189,6 +189,8 @@ class Stats:
                 lines.append(f"{self.p}route.{sanitize(ex.route)}.{ROUTE_REFUSALS[kind]}:1|c")
         if ex.upstream is not None:
             self._upstream_timings(lines, ex)
+        if ex.cache_status is not None:
+            lines.append(f"{self.p}cache.{ex.cache_status.lower()}:1|c")
         self.client.send_lines(lines)
 
     def _upstream_timings(self, lines, ex):

@@ -1,0 +1,491 @@
+"""The cache step of a reverse-proxied request: look up, serve, revalidate,
+store while streaming, invalidate.
+
+    plan = cache.lookup(environ, ex, route, fields)     # None: not a cached route
+    if plan is not None and plan.answer:                # HIT, STALE, UPDATING, 504
+        return plan.serve(start_response, record, background_fetch)
+    resp = plan.forward(send)                           # MISS, EXPIRED, REVALIDATED, BYPASS
+
+``send(fields)`` is the proxy's own forwarding (choose, retries, timeouts);
+the response it returns is wrapped so that its body is written to the store
+while it streams to the client. The rules are ``cachepolicy``; the files and
+the index are ``cachestore``.
+
+Rule 1: the store never fails a request. An I/O error while looking up or
+        writing is logged and the request is proxied as if uncached (BYPASS).
+Rule 2: concurrent misses for one key send one request upstream, across
+        workers (a flock per key, nginx ``proxy_cache_lock``); the others
+        poll for at most ``lock_timeout`` and are then served from the new
+        entry, or go upstream themselves.
+Rule 3: a body is stored only when it arrived complete (Content-Length
+        matched, the chunked framing ended); a response larger than
+        ``max_object_size`` is relayed and forgotten.
+"""
+
+import copy
+import logging
+import sqlite3
+import threading
+import time
+
+from . import cachepolicy as P, errors, headers as H
+from .cachestore import READ_SIZE, Store
+
+log = logging.getLogger("gproxy.error")
+
+LOCK_POLL = 0.02    # seconds between tries of a busy key lock
+_CONDITIONAL = frozenset(("if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
+                          "if-range"))
+_STORE_ERRORS = (OSError, sqlite3.Error, ValueError)
+
+
+class Cache:
+    """One per worker (and one in the supervisor for purge and stats)."""
+
+    def __init__(self, config):
+        self.cfg = config.cache
+        self.store = Store(self.cfg.path, self.cfg.max_size)
+        self.rules = {r.name: P.Route(r.cache.default_ttl, r.cache.stale_while_revalidate,
+                                      r.cache.stale_if_error, r.cache.cdn_cache_control)
+                      for r in config.routes if r.cache is not None}
+
+    def lookup(self, environ, ex, route, fields):
+        if route.cache is None:
+            return None
+        plan = Plan(self, environ, ex, route, fields)
+        try:
+            plan.look()
+        except _STORE_ERRORS as e:
+            _store_failed("lookup", e)
+            plan.release()
+            plan.answer, plan.entry, plan.storing = None, None, False
+            plan.status = "BYPASS"
+        ex.cache_status = plan.status
+        return plan
+
+
+def cache_key(route, environ, ex):
+    """The primary key (4): the route's key parts joined."""
+    parts = []
+    target = ex.target
+    for part in route.cache.key:
+        if part == "scheme":
+            parts.append(environ.get("wsgi.url_scheme", "http"))
+        elif part == "host":
+            parts.append(ex.host.lower())
+        elif part == "uri":
+            parts.append(target)
+        elif part == "path":
+            parts.append(target.split("?", 1)[0])
+        elif part == "query":
+            parts.append(target.partition("?")[2])
+        elif part == "method":
+            parts.append("GET" if ex.method == "HEAD" else ex.method)
+        elif part == "upstream":
+            parts.append(route.upstream)
+        else:
+            kind, _, name = part.partition(":")
+            value = environ.get("HTTP_" + name.upper().replace("-", "_"), "")
+            parts.append(value if kind == "header" else _cookie(value, name))
+    return "\x00".join(parts)
+
+
+class Plan:
+    """What the cache knows and decided about one request."""
+
+    def __init__(self, cache, environ, ex, route, fields):
+        self.cache, self.store = cache, cache.store
+        self.environ, self.ex, self.route = environ, ex, route
+        self.rules = cache.rules[route.name]
+        self.fields = fields
+        self.url = ex.host.lower() + ex.target
+        self.key = None
+        self.entry = None           # the stored response chosen, if any
+        self.answer = None          # a decision served without going upstream
+        self.status = "BYPASS"
+        self.storing = False        # a response may be stored
+        self.lock = None
+        self.request_time = None
+        self.file = None            # the chosen entry's body, once opened
+
+    # -- the lookup ------------------------------------------------------------
+
+    def look(self):
+        ex = self.ex
+        if ex.method not in ("GET", "HEAD"):
+            return      # BYPASS: unsafe methods invalidate after
+        self.key = cache_key(self.route, self.environ, ex)
+        decision = self._choose()
+        if decision in (P.FRESH, P.STALE, P.UPDATING) and self._open():
+            self.answer = decision
+            return
+        if decision != P.REVALIDATE:
+            self.entry = None       # MISS, or the body went away (evicted)
+        if decision == P.MISS and self.route.cache.lock and ex.method == "GET":
+            self._wait_for_lock()
+            if self.answer:
+                return
+        self.status = "MISS" if self.entry is None else "EXPIRED"
+        # a range is relayed, not stored; revalidating, it is left out (below)
+        self.storing = ex.method == "GET" and (
+            self.entry is not None or P.field(self.fields, "range") is None)
+        if self.answer is None and P.only_if_cached(self.fields):
+            self.answer = "gateway_timeout"     # 5.2.1.7: 504 rather than go upstream
+            self.status = "MISS"
+
+    def _choose(self, now=None):
+        now = time.time() if now is None else now
+        self.entry = None
+        for entry in self.store.variants(self.key):
+            if P.vary_matches(entry.record["vary"], self.fields):
+                self.entry = entry
+                return P.reuse(entry.record, self.fields, now, self.rules)
+        return P.MISS
+
+    def _wait_for_lock(self):
+        deadline = time.monotonic() + self.cache.cfg.lock_timeout
+        while True:
+            self.lock = self.store.try_lock(self.key)
+            if self.lock is not None:
+                break
+            if time.monotonic() >= deadline:
+                return          # go upstream without it (nginx does the same)
+            time.sleep(LOCK_POLL)      # a greenlet switch under gevent
+        if self._choose() == P.FRESH and self._open():   # the holder stored it meanwhile
+            self.release()
+            self.answer = P.FRESH
+
+    def _open(self):
+        """Open the chosen entry's body now, so that a hit never promises a
+        body that eviction took away meanwhile (cachestore Rule 2)."""
+        self.file = self.store.open_body(self.entry)
+        return self.file is not None
+
+    def release(self):
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    # -- answering from the store ----------------------------------------------
+
+    def serve(self, start_response, record, background_fetch):
+        ex = self.ex
+        if self.answer == "gateway_timeout":
+            raise errors.NotCached()
+        ex.cache_status = self.status = {P.FRESH: "HIT", P.STALE: "STALE",
+                                         P.UPDATING: "UPDATING"}[self.answer]
+        if self.file is None and not self._open():
+            raise errors.CacheEntryGone()
+        if self.answer == P.UPDATING:
+            self._revalidate_in_background(background_fetch)
+        now = time.time()
+        try:
+            self.store.touch(self.entry, now)
+        except _STORE_ERRORS as e:
+            _store_failed("touch", e)
+        return Hit(self, self.entry.record, now, start_response, record)
+
+    def _revalidate_in_background(self, background_fetch):
+        lock = self.store.try_lock(self.key)
+        if lock is None:
+            return      # somebody is already at it
+        bg = copy.copy(self)    # its own state: this request is being served meanwhile
+        bg.ex = copy.copy(self.ex)
+        t = threading.Thread(target=_background_revalidation, name="cache_revalidate",
+                             args=(bg, lock, background_fetch), daemon=True)
+        t.start()
+
+    # -- going upstream --------------------------------------------------------
+
+    def forward(self, send):
+        """The upstream response to relay, wrapped for the cache; None when
+        the request is to be answered from the store (``serve``)."""
+        if self.answer:
+            return None
+        fields = self.fields
+        if self.entry is not None and self.status == "EXPIRED":
+            fields = [f for f in fields if f[0].lower() not in _CONDITIONAL and f[0].lower() != "range"]
+            fields += P.conditional_fields(self.entry.record)
+        self.request_time = time.time()
+        try:
+            resp = send(fields)
+        except errors.ProxyError:
+            self.release()
+            if self.entry is None or not P.usable_on_error(self.entry.record, time.time(), self.rules):
+                raise
+            self.answer = P.STALE       # RFC 5861 4: stale-if-error
+            return None
+        try:
+            return self._received(resp)
+        except _STORE_ERRORS as e:
+            _store_failed("store", e)
+            self.release()
+            return Relayed(resp, "BYPASS", None, self)
+
+    def _received(self, resp):
+        ex, now = self.ex, time.time()
+        if ex.method not in ("GET", "HEAD"):
+            if P.invalidates(ex.method, resp.status):
+                self._invalidate(resp.headers)
+            return Relayed(resp, self.status, None, self)
+        entry = self.entry
+        if entry is not None and resp.status == 304 and self.status == "EXPIRED":
+            if P.same_validator(entry.record, resp.headers):
+                record = P.freshen(entry.record, resp.headers, self.request_time, now)
+                self.store.update(entry, record)
+                self.release()
+                ex.cache_status = self.status = "REVALIDATED"
+                return FromStore(self, record, resp, now)
+        if entry is not None and resp.status >= 500 and P.usable_on_error(entry.record, now, self.rules):
+            ex.cache_status = self.status = "STALE"
+            return FromStore(self, entry.record, resp, now)
+        writer = self._writer(resp, now)
+        if writer is None:
+            self.release()
+        return Relayed(resp, self.status, writer, self)
+
+    def _writer(self, resp, now):
+        if not self.storing or self.route.cache is None:
+            return None
+        why = P.storable("GET", resp.status, self.fields, resp.headers,
+                         self.rules.default_ttl, self.rules.cdn)
+        if why is not None:
+            return None
+        length = P.field(resp.headers, "content-length")
+        if length is not None and length.isdigit() and int(length) > self.cache.cfg.max_object_size:
+            return None
+        vary = P.secondary_key(resp.headers, self.fields)
+        return self.store.writer(self.key, _skey(vary), self.url), vary
+
+    def _invalidate(self, resp_fields):
+        host = self.ex.host.lower()
+        targets = [self.ex.target] + P.invalidated_targets(self.ex.host, resp_fields)
+        for t in targets:
+            self.store.purge(host + t)
+
+
+def _skey(vary):
+    return "\x00".join(f"{n}={v}" for n, v in vary)
+
+
+# -- the response bodies -------------------------------------------------------
+
+class Served:
+    """How a stored response is sent: its status line, fields and the span
+    of the body file, given the request (304 to a client precondition that
+    holds, 206 to a byte range, 4.3.2 and RFC 9110 14)."""
+
+    __slots__ = ("status", "reason", "fields", "start", "length")
+
+    def __init__(self, plan, record, now):
+        self.start, self.length = 0, None
+        tail = [("Age", P.age_field(record, now)), ("X-Cache-Status", plan.status)]
+        if P.not_modified(record, plan.fields):
+            fields = [f for f in P.not_modified_fields(record) if f[0].lower() != "date"]
+            self.status, self.reason, self.fields = 304, "Not Modified", fields + tail
+            return
+        fields = [(n, v) for n, v in record["fields"] if n.lower() != "content-length"]
+        fields = H.strip_hop_by_hop(fields, H.RESPONSE_DROP)
+        self.status, self.reason = record["status"], record["reason"]
+        size = record["size"]
+        span = P.byte_range(record, plan.fields)
+        if span is False:
+            self.status, self.reason = 416, "Range Not Satisfiable"
+            fields = [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")]
+        elif span is not None:
+            first, last = span
+            self.status, self.reason = 206, "Partial Content"
+            self.start, self.length = first, last - first + 1
+            fields += [("Content-Range", f"bytes {first}-{last}/{size}"),
+                       ("Content-Length", str(self.length))]
+        elif self.status not in (204, 304) and self.status >= 200:
+            self.length = size
+            fields.append(("Content-Length", str(size)))
+        self.fields = fields + tail
+
+    def open(self, plan):
+        """The body file positioned at the span, or None when there is no body."""
+        f, plan.file = plan.file, None
+        if plan.ex.method == "HEAD" or not self.length:
+            if f is not None:
+                f.close()
+            return None
+        if f is None:
+            f = plan.store.open_body(plan.entry)
+        if f is not None and self.start:
+            f.seek(self.start)
+        return f
+
+
+def read_span(f, length):
+    """The body in large reads, at most ``length`` bytes."""
+    while f is not None and length > 0:
+        piece = f.read(min(READ_SIZE, length))
+        if not piece:
+            return
+        length -= len(piece)
+        yield piece
+
+
+class Hit:
+    """A response served from the store without touching a backend; its
+    ``close()`` writes the access log."""
+
+    __slots__ = ("plan", "file", "record", "length")
+
+    def __init__(self, plan, record, now, start_response, record_fn):
+        self.plan, self.record = plan, record_fn
+        served = Served(plan, record, now)
+        plan.ex.status = served.status
+        self.file, self.length = served.open(plan), served.length
+        start_response(f"{served.status} {served.reason}", served.fields)
+
+    def __iter__(self):
+        ex = self.plan.ex
+        for piece in read_span(self.file, self.length or 0):
+            ex.bytes_out += len(piece)
+            yield piece
+
+    def close(self):
+        if self.file is not None:
+            self.file.close()
+        self.record(self.plan.ex)
+
+
+class Relayed:
+    """An upstream response relayed to the client, its body written to the
+    store as it passes (when ``writer`` is given)."""
+
+    __slots__ = ("resp", "status", "reason", "headers", "index", "plan", "writer", "vary", "_done")
+
+    def __init__(self, resp, cache_status, writer, plan):
+        self.resp, self.plan = resp, plan
+        self.status, self.reason, self.index = resp.status, resp.reason, resp.index
+        self.headers = resp.headers + [("X-Cache-Status", cache_status)]
+        self.writer, self.vary = writer if writer else (None, None)
+        self._done = False
+
+    @property
+    def completed(self):
+        return self.resp.completed
+
+    @property
+    def connect_time(self):
+        return self.resp.connect_time
+
+    def body(self):
+        for piece in self.resp.body():
+            if self.writer is not None:
+                self._write(piece)
+            yield piece
+        if self.writer is not None and self.resp.completed:
+            self._finish()
+
+    def _write(self, piece):
+        try:
+            self.writer.write(piece)
+            if self.writer.size > self.plan.cache.cfg.max_object_size:
+                self._abort()
+        except _STORE_ERRORS as e:
+            _store_failed("write", e)
+            self._abort()
+
+    def _finish(self):
+        w, plan, resp = self.writer, self.plan, self.resp
+        length = P.field(resp.headers, "content-length")
+        if length is not None and length.isdigit() and int(length) != w.size:
+            return self._abort()
+        record = P.stored(resp.status, resp.reason, resp.headers, plan.request_time,
+                          time.time(), w.size, self.vary)
+        try:
+            w.finish(record, time.time())
+            self.writer = None
+        except _STORE_ERRORS as e:
+            _store_failed("commit", e)
+            self._abort()
+        plan.release()
+
+    def _abort(self):
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+    def discard(self):
+        self._abort()     # a body that did not finish is never indexed
+        self.plan.release()
+
+    def close(self):
+        self.discard()
+        self.resp.close()
+
+
+class FromStore:
+    """The stored response sent in place of an upstream one (after a 304,
+    or stale on a 5xx); looks like a transport response to the proxy."""
+
+    __slots__ = ("plan", "upstream", "status", "reason", "headers", "index",
+                 "completed", "connect_time", "file", "length")
+
+    def __init__(self, plan, record, upstream, now):
+        self.plan, self.upstream = plan, upstream
+        self.index, self.connect_time = upstream.index, upstream.connect_time
+        self.completed = False
+        served = Served(plan, record, now)
+        self.status, self.reason, self.headers = served.status, served.reason, served.fields
+        self.file, self.length = served.open(plan), served.length
+
+    def body(self):
+        for _ in self.upstream.body():      # read to its end: the connection stays reusable
+            pass
+        yield from read_span(self.file, self.length or 0)
+        self.completed = True
+
+    def discard(self):
+        if self.file is not None:
+            self.file.close()
+        self.plan.release()
+
+    def close(self):
+        self.discard()
+        self.upstream.close()
+
+
+def _background_revalidation(plan, lock, background_fetch):
+    """RFC 5861 3: refresh a stale entry after it was served. The proxy's
+    ``background_fetch(fields)`` returns its own body iterable (``.resp``,
+    ``close()`` returns the connection and logs the request)."""
+    plan.lock, plan.answer, plan.status, plan.storing = lock, None, "EXPIRED", True
+    plan.fields = [f for f in plan.fields if f[0].lower() not in ("cache-control", "pragma")]
+    fetched = []
+
+    def send(f):
+        fetched.append(background_fetch(f))
+        return fetched[-1].resp
+
+    resp = None
+    try:
+        resp = plan.forward(send)
+        for _ in resp.body():
+            pass
+    except (errors.ProxyError, OSError) as e:
+        log.warning("cache: background revalidation of %s failed: %s", plan.url, e)
+    finally:
+        if resp is not None:
+            resp.discard()
+        for streamer in fetched:
+            streamer.ex.status = streamer.resp.status
+            streamer.close()
+        plan.release()
+
+
+def _store_failed(what, e):
+    log.error("cache: %s failed: %r", what, e, extra={"fields": {"event": "cache_store_failed",
+                                                               "step": what}})
+
+
+def _cookie(header, name):
+    for part in header.split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == name:
+            return v
+    return ""

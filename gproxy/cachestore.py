@@ -1,0 +1,280 @@
+"""The cache store: body files plus one SQLite index, shared by every process.
+
+    <path>/index.sqlite     one row per stored response (key, variant, JSON
+                            record, size, last use); WAL, so readers never
+                            wait for a writer
+    <path>/objects/ab/<id>  the body, one file per stored response
+    <path>/tmp/<pid>.<id>   a body being written
+    <path>/locks/<abc>      4096 lock files for collapsed forwarding (flock)
+
+Rule 1: a body is written to ``tmp/``, renamed into ``objects/`` once it is
+        complete, and only then indexed; the index row is the commit point.
+        A process killed mid-write leaves a tmp file (removed by the next
+        process that opens the store, when its pid is dead) and never a row
+        that points at a truncated body.
+Rule 2: a row is replaced or deleted before its file is unlinked; a reader
+        that opened the file keeps reading the old inode, a reader that
+        finds the file gone treats it as a miss.
+Rule 3: ``max_size`` bounds the sum of the body sizes; the writer that goes
+        past it evicts the least recently used rows in the same transaction.
+        Last use is written at most every ``TOUCH_EVERY`` seconds per entry,
+        so a hit seldom writes (nginx also updates its LRU lazily).
+Rule 4: one SQLite connection per process, opened after fork; every write
+        is one short IMMEDIATE transaction.
+
+Chosen by measurement over diskcache and LMDB: see README "Cache store".
+"""
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import sqlite3
+import time
+
+log = logging.getLogger("gproxy.error")
+
+TOUCH_EVERY = 10.0      # seconds between last-use updates of one entry
+READ_SIZE = 256 * 1024  # a hit is sent in reads this large
+LOCK_STRIPES = 4096
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries(
+    id TEXT PRIMARY KEY, pkey TEXT NOT NULL, skey TEXT NOT NULL, url TEXT NOT NULL,
+    record TEXT NOT NULL, size INTEGER NOT NULL, atime REAL NOT NULL);
+CREATE UNIQUE INDEX IF NOT EXISTS entries_key ON entries(pkey, skey);
+CREATE INDEX IF NOT EXISTS entries_atime ON entries(atime);
+CREATE INDEX IF NOT EXISTS entries_url ON entries(url);
+CREATE TABLE IF NOT EXISTS totals(one INTEGER PRIMARY KEY CHECK (one = 1),
+    bytes INTEGER NOT NULL, count INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals VALUES (1, 0, 0);
+CREATE TRIGGER IF NOT EXISTS entries_ins AFTER INSERT ON entries BEGIN
+    UPDATE totals SET bytes = bytes + new.size, count = count + 1; END;
+CREATE TRIGGER IF NOT EXISTS entries_del AFTER DELETE ON entries BEGIN
+    UPDATE totals SET bytes = bytes - old.size, count = count - 1; END;
+"""
+
+
+def digest(text):
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class Entry:
+    """One indexed response: its record (see ``cachepolicy.stored``)."""
+
+    __slots__ = ("id", "record", "atime")
+
+    def __init__(self, id, record, atime):
+        self.id, self.record, self.atime = id, record, atime
+
+
+class Store:
+    def __init__(self, path, max_size):
+        self.path = path
+        self.max_size = max_size
+        self._db = None
+        self._pid = None
+
+    # -- the connection --------------------------------------------------------
+
+    @property
+    def db(self):
+        if self._pid != os.getpid():
+            self._open()
+        return self._db
+
+    def _open(self):
+        for sub in ("objects", "tmp", "locks"):
+            os.makedirs(os.path.join(self.path, sub), exist_ok=True)
+        db = sqlite3.connect(os.path.join(self.path, "index.sqlite"), timeout=10,
+                             isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")     # a crash may lose the last rows, not corrupt
+        db.execute("PRAGMA busy_timeout=10000")
+        db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        self._db, self._pid = db, os.getpid()
+        self._sweep_tmp()
+
+    def _sweep_tmp(self):
+        """Remove bodies left half-written by processes that died (Rule 1)."""
+        tmp = os.path.join(self.path, "tmp")
+        for name in os.listdir(tmp):
+            pid = name.split(".", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                _unlink(os.path.join(tmp, name))
+
+    def object_path(self, id):
+        return os.path.join(self.path, "objects", id[:2], id)
+
+    # -- reading ---------------------------------------------------------------
+
+    def variants(self, pkey):
+        """Every stored response for a primary key, the newest first."""
+        rows = self.db.execute("SELECT id, record, atime FROM entries WHERE pkey = ? "
+                               "ORDER BY rowid DESC", (pkey,)).fetchall()
+        return [Entry(i, json.loads(r), a) for i, r, a in rows]
+
+    def open_body(self, entry):
+        """The body file, or None when it was evicted meanwhile (Rule 2)."""
+        try:
+            return open(self.object_path(entry.id), "rb", buffering=0)
+        except FileNotFoundError:
+            return None
+
+    def touch(self, entry, now):
+        if now - entry.atime >= TOUCH_EVERY:
+            with _write(self.db) as db:
+                db.execute("UPDATE entries SET atime = ? WHERE id = ?", (now, entry.id))
+
+    # -- writing ---------------------------------------------------------------
+
+    def writer(self, pkey, skey, url):
+        return Writer(self, pkey, skey, url)
+
+    def commit(self, pkey, skey, url, id, record, size, now):
+        """Index a complete body (already renamed into place); evict past max_size."""
+        doomed = []
+        with _write(self.db) as db:
+            old = db.execute("SELECT id FROM entries WHERE pkey = ? AND skey = ?",
+                             (pkey, skey)).fetchone()
+            if old:
+                db.execute("DELETE FROM entries WHERE id = ?", old)
+                doomed.append(old[0])
+            db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (id, pkey, skey, url, json.dumps(record), size, now))
+            doomed += self._evict(db)
+        for d in doomed:
+            _unlink(self.object_path(d))
+
+    def _evict(self, db):
+        total, = db.execute("SELECT bytes FROM totals").fetchone()
+        doomed = []
+        while total > self.max_size:
+            rows = db.execute("SELECT id, size FROM entries ORDER BY atime LIMIT 64").fetchall()
+            if not rows:
+                break
+            for id, size in rows:
+                if total <= self.max_size:
+                    break
+                db.execute("DELETE FROM entries WHERE id = ?", (id,))
+                doomed.append(id)
+                total -= size
+        return doomed
+
+    def update(self, entry, record):
+        """Replace a record after a 304 (the body stays)."""
+        with _write(self.db) as db:
+            db.execute("UPDATE entries SET record = ? WHERE id = ?", (json.dumps(record), entry.id))
+
+    def remove(self, ids):
+        if not ids:
+            return 0
+        with _write(self.db) as db:
+            n = 0
+            for id in ids:
+                n += db.execute("DELETE FROM entries WHERE id = ?", (id,)).rowcount
+        for id in ids:
+            _unlink(self.object_path(id))
+        return n
+
+    def remove_key(self, pkey):
+        ids = [r[0] for r in self.db.execute("SELECT id FROM entries WHERE pkey = ?", (pkey,))]
+        return self.remove(ids)
+
+    def purge(self, url, prefix=False):
+        """Delete entries whose URL (``host/path?query``) is ``url``, or
+        starts with it; returns how many."""
+        if prefix:
+            like = url.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            rows = self.db.execute("SELECT id FROM entries WHERE url LIKE ? ESCAPE '\\'", (like,))
+        else:
+            rows = self.db.execute("SELECT id FROM entries WHERE url = ?", (url,))
+        return self.remove([r[0] for r in rows])
+
+    def stats(self):
+        total, count = self.db.execute("SELECT bytes, count FROM totals").fetchone()
+        return {"path": self.path, "entries": count, "bytes": total, "max_size": self.max_size}
+
+    # -- collapsed forwarding --------------------------------------------------
+
+    def try_lock(self, pkey):
+        """An exclusive flock for one key (striped), or None when another
+        request (any process) holds it. Closing the file releases it."""
+        name = os.path.join(self.path, "locks", digest(pkey)[:3])
+        f = open(name, "a+b")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            f.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        return f
+
+
+class Writer:
+    """A body being written: ``write`` pieces, then ``finish`` or ``abort``."""
+
+    __slots__ = ("store", "pkey", "skey", "url", "id", "tmp", "file", "size")
+
+    def __init__(self, store, pkey, skey, url):
+        self.store, self.pkey, self.skey, self.url = store, pkey, skey, url
+        self.id = os.urandom(16).hex()
+        self.store.db  # noqa: B018 -- open (and sweep) before creating a tmp file
+        self.tmp = os.path.join(store.path, "tmp", f"{os.getpid()}.{self.id}")
+        self.file = open(self.tmp, "wb")
+        self.size = 0
+
+    def write(self, piece):
+        self.file.write(piece)
+        self.size += len(piece)
+
+    def finish(self, record, now):
+        self.file.close()
+        final = self.store.object_path(self.id)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(self.tmp, final)
+        try:
+            self.store.commit(self.pkey, self.skey, self.url, self.id, record, self.size, now)
+        except BaseException:
+            _unlink(final)
+            raise
+
+    def abort(self):
+        if not self.file.closed:
+            self.file.close()
+        _unlink(self.tmp)
+
+
+class _write:
+    """One IMMEDIATE transaction (takes the write lock at once, so two
+    writers queue on busy_timeout instead of failing on upgrade)."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, kind, value, tb):
+        self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
