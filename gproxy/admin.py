@@ -7,6 +7,7 @@ per request; the supervisor is not a gevent process).
     POST /upstreams/<upstream>/backends/<backend>/enable   back in rotation
     POST /instance/drain                             health_path answers 503, stop after drain_delay
     POST /instance/enable                            cancel that (before the stop)
+    GET  /cache, POST /cache/purge?url=|prefix=      see ``cacheadmin``
 
 <backend> is the backend's ``host:port`` as in /status. Unknown names get 404
 with a message; a client outside loopback and ``admin.allow`` gets 403.
@@ -20,7 +21,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
-from . import __version__
+from . import __version__, cacheadmin as cache_admin
 
 log = logging.getLogger("gproxy.error")
 
@@ -69,7 +70,9 @@ class AdminHandler(BaseHTTPRequestHandler):
         if not self.admitted():
             return
         path = self.path.split("?", 1)[0]
-        if path == "/status":
+        if path == "/cache":
+            self.reply(*cache_admin.stats(self.server.supervisor.cfg))
+        elif path == "/status":
             self.reply(200, status(self.server.supervisor))
         elif path == "/healthz":
             self.healthz()
@@ -84,6 +87,9 @@ class AdminHandler(BaseHTTPRequestHandler):
         self.discard_body()
         if self.path.split("?", 1)[0] in ("/instance/drain", "/instance/enable"):
             return self.instance_action(self.path.split("?", 1)[0].rsplit("/", 1)[1])
+        if self.path.split("?", 1)[0] == "/cache/purge":
+            self.reply(*cache_admin.purge(self.server.supervisor.cfg, self.path, self.client_address[0]))
+            return
         found = self.action(self.path.split("?", 1)[0])
         if found is None:
             self.reply(404 if not self.path.startswith(("/status", "/healthz")) else 405,

@@ -203,6 +203,30 @@ def drain_instance(args):
     return 0
 
 
+def cache(args):
+    """``gproxy cache stats`` and ``gproxy cache purge URL``, on the store's files."""
+    from . import cacheadmin
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as e:
+        print(f"gproxy: {e}", file=sys.stderr)
+        return 1
+    if args.action == "stats":
+        code, body = cacheadmin.stats(cfg)
+    else:
+        path = "/cache/purge?" + ("prefix=" if args.prefix else "url=") + quote(args.url or "", safe="")
+        code, body = cacheadmin.purge(cfg, path, "gproxy cache purge")
+    if code != 200:
+        print(f"gproxy: {body['error']}", file=sys.stderr)
+        return 1
+    if args.json or args.action == "purge":
+        print(json.dumps(body))
+    else:
+        for k in ("path", "entries", "bytes", "max_size"):
+            print(f"{k:<9} {body[k]}")
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="gproxy", description="gproxy control command")
     p.add_argument("--version", action="version", version=f"gproxy {__version__}")
@@ -238,6 +262,13 @@ def main(argv=None):
     h.add_argument("--new", action="store_true",
                    help="make a random key, print it on stderr and its digest on stdout")
     h.set_defaults(func=hash_key)
+    k = sub.add_parser("cache", help="cache stats, or purge one URL or a prefix (acts on the store)")
+    k.add_argument("action", choices=("stats", "purge"))
+    k.add_argument("url", nargs="?", help="for purge: http://host/path (with --prefix: every URL under it)")
+    k.add_argument("--prefix", action="store_true", help="purge every URL that starts with URL")
+    k.add_argument("--config", help="config file (default: as gproxy)")
+    k.add_argument("--json", action="store_true", help="print the stats as JSON")
+    k.set_defaults(func=cache)
     args = p.parse_args(argv)
     return args.func(args)
 

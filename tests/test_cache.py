@@ -1,0 +1,464 @@
+"""The shared cache through real gunicorn with two workers: a response stored
+by one worker is a hit in the other, concurrent misses reach the backend
+once, eviction at max_size, a worker killed mid-write leaves no entry, the
+body streams (RSS flat), revalidation, invalidation, purge, statistics.
+"""
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from monitoring import StatsdListener
+from servers import REPO, free_port, wait_until
+
+BLOCK = hashlib.sha256(b"cache").digest() * 2048      # 64 KiB
+
+
+class Origin:
+    """A scripted backend: ``routes[path] = (status, [(name, value)], body)``;
+    ``hold[path]`` is an Event the response waits on after ``hold_after``
+    bytes of body; every request is kept in ``received``."""
+
+    def __init__(self):
+        self.routes, self.hold, self.received = {}, {}, []
+        self.hold_after = 0
+        self.lock = threading.Lock()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.running = True
+        threading.Thread(target=self._accept, daemon=True, name="origin").start()
+
+    def count(self, path):
+        with self.lock:
+            return sum(1 for r in self.received if r[1].split("?")[0] == path)
+
+    def requests(self, path):
+        with self.lock:
+            return [r for r in self.received if r[1].split("?")[0] == path]
+
+    def stop(self):
+        self.running = False
+        self.sock.close()
+        for e in self.hold.values():
+            e.set()
+
+    def _accept(self):
+        while self.running:
+            try:
+                s, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
+
+    def _serve(self, s):
+        f = s.makefile("rb")
+        try:
+            while True:
+                line = f.readline()
+                if not line or not self.running:
+                    return      # stopped: kept-alive connections break too
+                method, target, _ = line.decode().split(" ", 2)
+                headers = {}
+                while True:
+                    h = f.readline().decode()
+                    if h in ("\r\n", ""):
+                        break
+                    n, _, v = h.partition(":")
+                    headers[n.strip().lower()] = v.strip()
+                n = int(headers.get("content-length") or 0)
+                if n:
+                    f.read(n)
+                with self.lock:
+                    self.received.append((method, target, headers))
+                self._respond(s, method, target.split("?")[0], headers)
+        except OSError:
+            return
+        finally:
+            s.close()
+
+    def _respond(self, s, method, path, headers):
+        status, fields, body = self.routes.get(path, (404, [], b"no route\n"))
+        if callable(fields):
+            status, fields, body = fields(headers)
+        head = [f"HTTP/1.1 {status} X"] + [f"{n}: {v}" for n, v in fields]
+        size = body if isinstance(body, int) else len(body)
+        if status not in (204, 304):
+            head.append(f"Content-Length: {size}")
+        s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        if method == "HEAD" or status in (204, 304):
+            return
+        if isinstance(body, bytes):
+            s.sendall(body)
+            return
+        sent, gate = 0, self.hold.get(path)
+        while sent < size:
+            if gate is not None and sent >= self.hold_after:
+                gate.wait(30)
+                gate = None
+            piece = BLOCK[:min(len(BLOCK), size - sent)]
+            s.sendall(piece)
+            sent += len(piece)
+
+
+def big_digest(size):
+    h = hashlib.sha256()
+    for _ in range(size // len(BLOCK)):
+        h.update(BLOCK)
+    h.update(BLOCK[:size % len(BLOCK)])
+    return h.hexdigest()
+
+
+@pytest.fixture
+def origin():
+    o = Origin()
+    yield o
+    o.stop()
+
+
+def conf(origin, cache_dir, route="cache: true", store="", workers=2, top=""):
+    return f"""
+listen: ["127.0.0.1:{{port}}"]
+workers: {workers}
+access_log: {{format: json}}
+{top}
+cache: {{path: {cache_dir}{store}}}
+upstreams:
+  o: {{backends: ["{origin.url}"], retries: 0, passive: {{max_fails: 0}}}}
+routes:
+  - {{path_prefix: /nocache/, upstream: o}}
+  - {{upstream: o, {route}}}
+"""
+
+
+def get(g, path, method="GET", headers=None, conn=None):
+    """(status, {lower name: value}, body) over a new connection (or ``conn``)."""
+    c = conn or http.client.HTTPConnection("127.0.0.1", g.port, timeout=30)
+    c.request(method, path, headers=headers or {})
+    r = c.getresponse()
+    body = r.read()
+    if conn is None:
+        c.close()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, body
+
+
+def serving_worker(g, conn):
+    """The pid of the gproxy worker holding ``conn``'s server side (from
+    /proc/net/tcp and the workers' file descriptors)."""
+    local = conn.sock.getsockname()[1]
+    want = f"0100007F:{g.port:04X} 0100007F:{local:04X}"
+    inode = None
+    with open("/proc/net/tcp") as f:
+        for line in f:
+            cols = line.split()
+            if f"{cols[1]} {cols[2]}" == want:
+                inode = cols[9]
+    assert inode, f"no server socket for client port {local}"
+    for pid in g.worker_pids():
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                pass
+    raise AssertionError(f"no worker holds socket {inode}")
+
+
+def cache_cli(g, *args):
+    r = subprocess.run([sys.executable, "-m", "gproxy.cli", "cache", *args, "--config", g.config_path],
+                       capture_output=True, text=True, cwd=REPO, timeout=30,
+                       env=dict(os.environ, PYTHONPATH=REPO))
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+# -- sharing, collapsing, eviction, crashes ---------------------------------------
+
+def test_a_response_stored_by_one_worker_is_a_hit_in_the_other(gproxy, origin, tmp_path):
+    origin.routes["/a"] = (200, [("Cache-Control", "max-age=60"), ("ETag", '"1"')], b"shared body")
+    g = gproxy(conf(origin, tmp_path / "c"))
+    first = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+    status, h, body = get(g, "/a", conn=first)
+    assert (status, h["x-cache-status"], body) == (200, "MISS", b"shared body")
+    storer = serving_worker(g, first)
+    for _ in range(60):
+        c = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+        status, h, body = get(g, "/a", conn=c)
+        other = serving_worker(g, c) != storer
+        c.close()
+        assert (status, h["x-cache-status"], body) == (200, "HIT", b"shared body")
+        if other:
+            break
+    else:
+        pytest.fail("60 connections all went to the worker that stored the response")
+    first.close()
+    assert origin.count("/a") == 1, f"the backend saw {origin.count('/a')} requests, want 1"
+    assert int(h["age"]) >= 0
+
+
+def test_concurrent_misses_reach_the_backend_once(gproxy, origin, tmp_path):
+    origin.routes["/slow"] = (200, [("Cache-Control", "max-age=60")], 200_000)
+    origin.hold["/slow"] = gate = threading.Event()
+    g = gproxy(conf(origin, tmp_path / "c"))
+    results = []
+
+    def client():
+        results.append(get(g, "/slow"))
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: origin.count("/slow") >= 1, 10, "the first request at the backend")
+    wait_until(lambda: _established(g.port) >= 6, 10, "six client connections to gproxy")
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert origin.count("/slow") == 1, f"the backend saw {origin.count('/slow')} requests, want 1"
+    want = big_digest(200_000)
+    assert [(s, hashlib.sha256(b).hexdigest()) for s, _, b in results] == [(200, want)] * 6
+    assert sorted(h["x-cache-status"] for _, h, _ in results) == ["HIT"] * 5 + ["MISS"]
+
+
+def _established(port):
+    n = 0
+    with open("/proc/net/tcp") as f:
+        for line in f:
+            cols = line.split()
+            if cols[1].endswith(f":{port:04X}") and cols[3] == "01":
+                n += 1
+    return n
+
+
+def test_eviction_at_max_size_drops_the_least_recently_used(gproxy, origin, tmp_path):
+    for i in range(5):
+        origin.routes[f"/e{i}"] = (200, [("Cache-Control", "max-age=60")], bytes([65 + i]) * 3000)
+    g = gproxy(conf(origin, tmp_path / "c", store=", max_size: 10KB"))
+    for i in range(5):
+        assert get(g, f"/e{i}")[1]["x-cache-status"] == "MISS"
+    stats = json.loads(cache_cli(g, "stats", "--json"))
+    assert stats["bytes"] <= 10 * 1024 and stats["entries"] == 3, stats
+    assert get(g, "/e4")[1]["x-cache-status"] == "HIT"
+    status, h, body = get(g, "/e0")
+    assert (h["x-cache-status"], body) == ("MISS", b"A" * 3000)
+    assert origin.count("/e0") == 2
+
+
+def test_a_worker_killed_mid_write_leaves_no_entry(gproxy, origin, tmp_path):
+    size = 8 << 20
+    origin.routes["/big"] = (200, [("Cache-Control", "max-age=60")], size)
+    origin.hold["/big"] = gate = threading.Event()
+    origin.hold_after = 1 << 20
+    g = gproxy(conf(origin, tmp_path / "c"))
+    c = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+    c.request("GET", "/big")
+    r = c.getresponse()
+    assert r.getheader("X-Cache-Status") == "MISS"
+    r.read(512 << 10)
+    victim = serving_worker(g, c)
+    wait_until(lambda: os.listdir(tmp_path / "c" / "tmp"), 5, "the body being written")
+    os.kill(victim, signal.SIGKILL)
+    gate.set()
+    c.close()
+    wait_until(lambda: victim not in g.worker_pids() and len(g.worker_pids()) == 2, 15,
+               "the arbiter to replace the killed worker")
+    status, h, body = get(g, "/big")
+    assert (status, h["x-cache-status"]) == (200, "MISS"), "a truncated body was indexed"
+    assert hashlib.sha256(body).hexdigest() == big_digest(size)
+    status, h, body = get(g, "/big")
+    assert (h["x-cache-status"], hashlib.sha256(body).hexdigest()) == ("HIT", big_digest(size))
+    stats = json.loads(cache_cli(g, "stats", "--json"))     # opening the store sweeps dead writers
+    assert (stats["entries"], stats["bytes"]) == (1, size), stats
+    assert os.listdir(tmp_path / "c" / "tmp") == []
+
+
+def test_a_200_mib_response_streams_through_and_out_of_the_store_with_flat_rss(gproxy, origin, tmp_path):
+    size = 200 << 20
+    origin.routes["/huge"] = (200, [("Cache-Control", "max-age=60")], size)
+    g = gproxy(conf(origin, tmp_path / "c", store=", max_size: 1GB, max_object_size: 512MB"))
+    get(g, "/small-warmup")
+    base = {pid: _rss(pid) for pid in g.worker_pids()}
+    peak = dict(base)
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for pid in peak:
+                peak[pid] = max(peak[pid], _rss(pid))
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    for want in ("MISS", "HIT"):
+        c = http.client.HTTPConnection("127.0.0.1", g.port, timeout=30)
+        c.request("GET", "/huge")
+        r = c.getresponse()
+        assert r.getheader("X-Cache-Status") == want
+        h, n = hashlib.sha256(), 0
+        while True:
+            piece = r.read(1 << 20)
+            if not piece:
+                break
+            h.update(piece)
+            n += len(piece)
+        c.close()
+        assert (n, h.hexdigest()) == (size, big_digest(size))
+    done.set()
+    growth = max(peak[p] - base[p] for p in base)
+    assert growth < 32 << 20, f"a worker's RSS grew by {growth >> 20} MiB on a 200 MiB body"
+
+
+def _rss(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+# -- the protocol through the proxy ------------------------------------------------
+
+def test_revalidation_head_vary_and_invalidation(gproxy, origin, tmp_path):
+    def etagged(h):
+        if h.get("if-none-match") == '"v1"':
+            return 304, [("Cache-Control", "max-age=0, must-revalidate"), ("ETag", '"v1"'),
+                         ("X-Fresh", "2")], b""
+        return 200, [("Cache-Control", "max-age=0, must-revalidate"), ("ETag", '"v1"'),
+                     ("X-Fresh", "1")], b"validated body"
+    origin.routes["/v"] = (0, etagged, b"")
+    origin.routes["/lang"] = (0, lambda h: (200, [("Cache-Control", "max-age=60"), ("Vary", "Accept-Language")],
+                                            f"in {h.get('accept-language')}".encode()), b"")
+    origin.routes["/doc"] = (200, [("Cache-Control", "max-age=60")], b"doc")
+    g = gproxy(conf(origin, tmp_path / "c"))
+
+    assert get(g, "/v")[1]["x-cache-status"] == "MISS"
+    status, h, body = get(g, "/v")
+    assert (status, h["x-cache-status"], h["x-fresh"], body) == (200, "REVALIDATED", "2", b"validated body")
+    assert origin.requests("/v")[1][2].get("if-none-match") == '"v1"'
+    assert get(g, "/v", headers={"If-None-Match": '"v1"'})[0] == 304
+
+    assert get(g, "/doc")[1]["x-cache-status"] == "MISS"
+    status, h, body = get(g, "/doc", method="HEAD")
+    assert (status, h["x-cache-status"], h["content-length"], body) == (200, "HIT", "3", b"")
+    status, h, body = get(g, "/doc", headers={"Range": "bytes=1-"})
+    assert (status, h["content-range"], body) == (206, "bytes 1-2/3", b"oc")
+
+    en, fr = {"Accept-Language": "en"}, {"Accept-Language": "fr"}
+    assert get(g, "/lang", headers=en)[1]["x-cache-status"] == "MISS"
+    assert get(g, "/lang", headers=fr)[1]["x-cache-status"] == "MISS"
+    assert get(g, "/lang", headers=en)[2] == b"in en"
+    status, h, body = get(g, "/lang", headers=fr)
+    assert (h["x-cache-status"], body) == ("HIT", b"in fr")
+
+    status, h, _ = get(g, "/doc", method="POST")
+    assert h["x-cache-status"] == "BYPASS"
+    assert get(g, "/doc")[1]["x-cache-status"] == "MISS", "a POST did not invalidate the URI"
+    assert [m for m, _, _ in origin.requests("/doc")] == ["GET", "POST", "GET"]
+
+
+def test_stale_while_revalidate_and_stale_if_error(gproxy, origin, tmp_path):
+    served = []
+
+    def versioned(h):
+        served.append(1)
+        return 200, [("Cache-Control", "max-age=1, stale-while-revalidate=60")], f"v{len(served)}".encode()
+    origin.routes["/swr"] = (0, versioned, b"")
+    origin.routes["/sie"] = (200, [("Cache-Control", "max-age=1")], b"kept")
+    g = gproxy(conf(origin, tmp_path / "c", route="cache: {stale_if_error: 60s}"))
+    assert get(g, "/swr")[2] == b"v1"
+    assert get(g, "/sie")[1]["x-cache-status"] == "MISS"
+    wait_until(lambda: get(g, "/swr")[1]["x-cache-status"] == "UPDATING", 5, "the entry to go stale")
+    wait_until(lambda: origin.count("/swr") == 2, 5, "the background revalidation")
+    status, h, body = wait_until(lambda: (lambda r: r if r[1]["x-cache-status"] == "HIT" else None)(
+        get(g, "/swr")), 5, "the refreshed entry")
+    assert body == b"v2"
+    wait_until(lambda: get(g, "/sie", headers={"Cache-Control": "max-stale"})[1]["x-cache-status"] == "STALE",
+               5, "/sie to go stale")
+    origin.stop()
+    status, h, body = get(g, "/sie")
+    assert (status, h["x-cache-status"], body) == (200, "STALE", b"kept")
+
+
+def test_entries_survive_a_restart_and_purge_by_url_and_prefix(gproxy, origin, tmp_path):
+    for p in ("/p/1", "/p/2", "/q"):
+        origin.routes[p] = (200, [("Cache-Control", "max-age=600")], p.encode())
+    aport = free_port()
+    top = f'admin: {{listen: "127.0.0.1:{aport}"}}'
+    text = conf(origin, tmp_path / "c", top=top)
+    host = "app.test"      # one Host before and after the restart (the port changes)
+    g = gproxy(text)
+    for p in ("/p/1", "/p/2", "/q"):
+        assert get(g, p, headers={"Host": host})[1]["x-cache-status"] == "MISS"
+    g.stop()
+    g = gproxy(text)
+    assert get(g, "/q", headers={"Host": host})[1]["x-cache-status"] == "HIT", \
+        "the entry did not survive a restart"
+    wait_until(lambda: _admin(aport, "GET", "/cache")[0] == 200, 15, "the admin endpoint")
+    assert _admin(aport, "POST", f"/cache/purge?prefix=http://{host}/p/") == (200, {
+        "purged": 2, "prefix": f"http://{host}/p/"})
+    assert _admin(aport, "POST", f"/cache/purge?url=http://{host}/q")[1]["purged"] == 1
+    assert _admin(aport, "POST", "/cache/purge?url=/relative")[0] == 400
+    assert [get(g, p, headers={"Host": host})[1]["x-cache-status"]
+            for p in ("/p/1", "/p/2", "/q")] == ["MISS"] * 3
+    assert "entries   3" in cache_cli(g, "stats")
+
+
+def _admin(port, method, path):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    except OSError:
+        return None, None
+
+
+def test_status_is_in_the_access_log_and_statsd(gproxy, origin, tmp_path):
+    listener = StatsdListener()
+    origin.routes["/m"] = (200, [("Cache-Control", "max-age=60")], b"m")
+    origin.routes["/nocache/x"] = (200, [("Cache-Control", "max-age=60")], b"x")
+    top = f"statsd: {{host: 127.0.0.1, port: {listener.port}, prefix: gp}}"
+    g = gproxy(conf(origin, tmp_path / "c", top=top))
+    for path in ("/m", "/m", "/nocache/x"):
+        get(g, path)
+    get(g, "/m", method="DELETE")
+    assert "x-cache-status" not in get(g, "/nocache/x")[1]
+    recs = g.access_records(at_least=5)
+    assert [r["cache_status"] for r in recs[:5]] == ["MISS", "HIT", None, "BYPASS", None]
+    counters = wait_until(lambda: (lambda c: c if len(c) == 3 else None)(listener.counters("gp.cache.")),
+                          5, "three cache counters")
+    assert counters == {"gp.cache.miss": 1, "gp.cache.hit": 1, "gp.cache.bypass": 1}
+    listener.close()
+
+
+def test_bad_cache_config_names_the_key(tmp_path):
+    from gproxy import config
+    from gproxy.errors import ConfigError
+    base = "upstreams: {o: {backends: [http://127.0.0.1:9]}}\n"
+    cases = {
+        "routes: [{upstream: o, cache: {key: [host, nope]}}]": "routes[0].cache.key[1]",
+        "routes: [{upstream: o, cache: {stale_if_error: soon}}]": "routes[0].cache.stale_if_error",
+        "cache: {path: /proc/1/nope}\nroutes: [{upstream: o, cache: true}]": "cache.path",
+        "cache: {max_size: 0}\nroutes: [{upstream: o}]": "cache.max_size",
+    }
+    for text, key in cases.items():
+        with pytest.raises(ConfigError) as e:
+            config.parse(base + text, "g.yaml")
+        assert f": {key}:" in str(e.value) and "g.yaml:" in str(e.value), str(e.value)
+    cfg = config.parse(base + f"cache: {{path: {tmp_path}/c}}\nroutes: [{{upstream: o, cache: {{default_ttl: off}}}}]")
+    assert cfg.routes[0].cache.default_ttl is None
