@@ -200,10 +200,13 @@ def storable(method, status, req_fields, resp_fields, default_ttl=None, cdn=True
     if field(req_fields, "authorization") is not None and not (
             "public" in cc or "s-maxage" in cc or "must-revalidate" in cc):
         return "authorization"
-    explicit = ("public" in cc or "max-age" in cc or "s-maxage" in cc
-                or field(resp_fields, "expires") is not None)
-    heuristic = status in HEURISTIC_STATUS
-    if not (explicit or heuristic or "no-cache" in cc):
+    explicit = ("max-age" in cc or "s-maxage" in cc or field(resp_fields, "expires") is not None)
+    heuristic = (status in HEURISTIC_STATUS or "public" in cc) and (
+        default_ttl is not None or field(resp_fields, "last-modified") is not None)
+    validators = field(resp_fields, "etag") is not None or field(resp_fields, "last-modified") is not None
+    # 3: a response with no way to be fresh and none to be revalidated is
+    # never reused; storing it would only push others out
+    if not (explicit or heuristic or validators):
         return "no freshness"
     return None
 
@@ -268,13 +271,14 @@ def freshness_lifetime(entry, default_ttl=None, cdn=True):
             return 0.0                                # 5.3: invalid means expired
         date = _date(entry)
         return max(0.0, exp - date)
+    if not (entry["status"] in HEURISTIC_STATUS or "public" in cc):
+        return 0.0                                    # 4.2.2: no heuristic for this status
     if default_ttl is not None:
         return float(default_ttl)
-    if entry["status"] in HEURISTIC_STATUS or "public" in cc:
-        lm = http_date(field(fields, "last-modified"))
-        if lm is not None:
-            return min(MAX_HEURISTIC, max(0.0, (_date(entry) - lm) * HEURISTIC_FRACTION))
-    return 0.0
+    lm = http_date(field(fields, "last-modified"))
+    if lm is None:
+        return 0.0
+    return min(MAX_HEURISTIC, max(0.0, (_date(entry) - lm) * HEURISTIC_FRACTION))
 
 
 def _date(entry):
@@ -334,7 +338,7 @@ def reuse(entry, req_fields, now, route):
     min_fresh = seconds(req.get("min-fresh")) or 0
     if age + min_fresh < lifetime:
         return FRESH
-    if "max-age" in req and age < lifetime:     # fresh, only not min-fresh enough
+    if age < lifetime:      # fresh, only not fresh enough for min-fresh
         return REVALIDATE
     if _no_stale(cc):
         return REVALIDATE
@@ -358,8 +362,8 @@ def _no_stale(cc):
 def usable_on_error(entry, now, route):
     """4.2.4 and RFC 5861 4: may this stale response stand in for an error?"""
     cc, _ = _cc(entry["fields"], route.cdn)
-    if _no_stale(cc) or "no-cache" in cc:
-        return False
+    if _no_stale(cc) or "no-cache" in cc or entry["status"] >= 500:
+        return False        # a stored error is no better than the new one
     sie = seconds(cc.get("stale-if-error"))
     if sie is None:
         sie = route.stale_if_error
