@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 
-from . import cachepolicy as P, errors, headers as H
+from . import cachepolicy as P, errors
 from .cachestore import READ_SIZE, Store
 
 log = logging.getLogger("gproxy.error")
@@ -37,6 +37,7 @@ LOCK_POLL = 0.02    # seconds between tries of a busy key lock
 _CONDITIONAL = frozenset(("if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
                           "if-range"))
 _STORE_ERRORS = (OSError, sqlite3.Error, ValueError)
+_SERVED_DROP = frozenset(("content-length", "date", "server"))
 
 
 class Cache:
@@ -97,7 +98,8 @@ class Plan:
         self.cache, self.store = cache, cache.store
         self.environ, self.ex, self.route = environ, ex, route
         self.rules = cache.rules[route.name]
-        self.fields = fields
+        self.fields = fields            # as sent upstream
+        self.req = P.index(fields)      # the same, for the rules
         self.url = ex.host.lower() + ex.target
         self.key = None
         self.entry = None           # the stored response chosen, if any
@@ -128,8 +130,8 @@ class Plan:
         self.status = "MISS" if self.entry is None else "EXPIRED"
         # a range is relayed, not stored; revalidating, it is left out (below)
         self.storing = ex.method == "GET" and (
-            self.entry is not None or P.field(self.fields, "range") is None)
-        if self.answer is None and P.only_if_cached(self.fields):
+            self.entry is not None or P.field(self.req, "range") is None)
+        if self.answer is None and P.only_if_cached(self.req):
             self.answer = "gateway_timeout"     # 5.2.1.7: 504 rather than go upstream
             self.status = "MISS"
 
@@ -137,9 +139,9 @@ class Plan:
         now = time.time() if now is None else now
         self.entry = None
         for entry in self.store.variants(self.key):
-            if P.vary_matches(entry.record["vary"], self.fields):
+            if P.vary_matches(entry.record["vary"], self.req):
                 self.entry = entry
-                return P.reuse(entry.record, self.fields, now, self.rules)
+                return P.reuse(entry.record, self.req, now, self.rules)
         return P.MISS
 
     def _wait_for_lock(self):
@@ -247,14 +249,14 @@ class Plan:
     def _writer(self, resp, now):
         if not self.storing or self.route.cache is None:
             return None
-        why = P.storable("GET", resp.status, self.fields, resp.headers,
+        why = P.storable("GET", resp.status, self.req, resp.headers,
                          self.rules.default_ttl, self.rules.cdn)
         if why is not None:
             return None
         length = P.field(resp.headers, "content-length")
         if length is not None and length.isdigit() and int(length) > self.cache.cfg.max_object_size:
             return None
-        vary = P.secondary_key(resp.headers, self.fields)
+        vary = P.secondary_key(resp.headers, self.req)
         return self.store.writer(self.key, _skey(vary), self.url), vary
 
     def _invalidate(self, resp_fields):
@@ -280,15 +282,15 @@ class Served:
     def __init__(self, plan, record, now):
         self.start, self.length = 0, None
         tail = [("Age", P.age_field(record, now)), ("X-Cache-Status", plan.status)]
-        if P.not_modified(record, plan.fields):
+        if P.not_modified(record, plan.req):
             fields = [f for f in P.not_modified_fields(record) if f[0].lower() != "date"]
             self.status, self.reason, self.fields = 304, "Not Modified", fields + tail
             return
-        fields = [(n, v) for n, v in record["fields"] if n.lower() != "content-length"]
-        fields = H.strip_hop_by_hop(fields, H.RESPONSE_DROP)
+        # stored fields are end-to-end already; the server writes Date and Server
+        fields = [(n, v) for n, v in record["fields"] if n.lower() not in _SERVED_DROP]
         self.status, self.reason = record["status"], record["reason"]
         size = record["size"]
-        span = P.byte_range(record, plan.fields)
+        span = P.byte_range(record, plan.req)
         if span is False:
             self.status, self.reason = 416, "Range Not Satisfiable"
             fields = [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")]
@@ -456,6 +458,7 @@ def _background_revalidation(plan, lock, background_fetch):
     ``close()`` returns the connection and logs the request)."""
     plan.lock, plan.answer, plan.status, plan.storing = lock, None, "EXPIRED", True
     plan.fields = [f for f in plan.fields if f[0].lower() not in ("cache-control", "pragma")]
+    plan.req = P.index(plan.fields)
     fetched = []
 
     def send(f):

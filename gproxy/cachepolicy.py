@@ -58,10 +58,31 @@ _DIRECTIVE = re.compile(r'\s*([^\s,=]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^\s,]*))?\s
 
 # --- parsing ---------------------------------------------------------------
 
+def index(fields):
+    """{lower-case name: combined value}: a request's or a response's fields
+    looked up once each (``field`` takes either form)."""
+    out = {}
+    for n, v in fields:
+        k = n.lower()
+        out[k] = v if k not in out else f"{out[k]}, {v}"
+    return out
+
+
 def field(fields, name):
     """The combined value of every field called ``name`` (lower case), or None."""
+    if isinstance(fields, dict):
+        return fields.get(name)
     vals = [v for n, v in fields if n.lower() == name]
     return ", ".join(vals) if vals else None
+
+
+def _ix(entry):
+    """The stored fields as an ``index``, kept in the record for this use
+    (keys starting with "_" are never stored)."""
+    ix = entry.get("_ix")
+    if ix is None:
+        ix = entry["_ix"] = index(entry["fields"])
+    return ix
 
 
 def directives(value):
@@ -134,6 +155,14 @@ def _two_digit_year(yy, now):
     this = 2000 if now is None else int(1970 + now // 31556952)
     year = this // 100 * 100 + yy
     return year - 100 if year > this + 50 else year
+
+
+def _entry_cc(entry, cdn):
+    key = "_cc" if cdn else "_cc_plain"
+    cc = entry.get(key)
+    if cc is None:
+        cc = entry[key] = _cc(_ix(entry), cdn)[0]
+    return cc
 
 
 def _cc(fields, cdn=True):
@@ -258,8 +287,8 @@ def age_value(resp_fields):
 
 def freshness_lifetime(entry, default_ttl=None, cdn=True):
     """Seconds the stored response is fresh for (4.2.1)."""
-    fields = entry["fields"]
-    cc, _ = _cc(fields, cdn)
+    fields = _ix(entry)
+    cc = _entry_cc(entry, cdn)
     for name in ("s-maxage", "max-age"):
         if name in cc:
             n = seconds(cc[name])
@@ -282,8 +311,11 @@ def freshness_lifetime(entry, default_ttl=None, cdn=True):
 
 
 def _date(entry):
-    d = http_date(field(entry["fields"], "date"))
-    return d if d is not None else entry["response_time"]
+    d = entry.get("_date")
+    if d is None:
+        d = http_date(field(_ix(entry), "date"))
+        d = entry["_date"] = d if d is not None else entry["response_time"]
+    return d
 
 
 def current_age(entry, now):
@@ -327,7 +359,7 @@ def reuse(entry, req_fields, now, route):
     if not vary_matches(entry["vary"], req_fields):
         return MISS
     req = request_directives(req_fields)
-    cc, _ = _cc(entry["fields"], route.cdn)
+    cc = _entry_cc(entry, route.cdn)
     lifetime = freshness_lifetime(entry, route.default_ttl, route.cdn)
     age = current_age(entry, now)
     if "no-cache" in cc or "no-cache" in req:
@@ -361,7 +393,7 @@ def _no_stale(cc):
 
 def usable_on_error(entry, now, route):
     """4.2.4 and RFC 5861 4: may this stale response stand in for an error?"""
-    cc, _ = _cc(entry["fields"], route.cdn)
+    cc = _entry_cc(entry, route.cdn)
     if _no_stale(cc) or "no-cache" in cc or entry["status"] >= 500:
         return False        # a stored error is no better than the new one
     sie = seconds(cc.get("stale-if-error"))
@@ -378,10 +410,10 @@ def only_if_cached(req_fields):
 def conditional_fields(entry):
     """The validators to revalidate a stored response with (4.3.1)."""
     out = []
-    etag = field(entry["fields"], "etag")
+    etag = field(_ix(entry), "etag")
     if etag is not None:
         out.append(("If-None-Match", etag))
-    lm = field(entry["fields"], "last-modified")
+    lm = field(_ix(entry), "last-modified")
     if lm is not None:
         out.append(("If-Modified-Since", lm))
     return out
@@ -396,7 +428,7 @@ def not_modified(entry, req_fields):
     that a 304 answers it (4.3.2; RFC 9110 13.1.2 and 13.1.3)?"""
     inm = field(req_fields, "if-none-match")
     if inm is not None:
-        etag = field(entry["fields"], "etag")
+        etag = field(_ix(entry), "etag")
         if etag is None:
             return False
         tags = [t.strip() for t in inm.split(",")]
@@ -405,7 +437,7 @@ def not_modified(entry, req_fields):
     if ims is None:
         return False
     # 4.3.2: without Last-Modified, the Date, else when it was received
-    lm = http_date(field(entry["fields"], "last-modified")) or _date(entry)
+    lm = http_date(field(_ix(entry), "last-modified")) or _date(entry)
     return lm <= ims
 
 
@@ -443,10 +475,10 @@ def byte_range(entry, req_fields):
 
 
 def _if_range_holds(entry, if_range):
-    etag = field(entry["fields"], "etag")
+    etag = field(_ix(entry), "etag")
     if if_range.strip().startswith(("\"", "W/")):
         return etag is not None and not etag.startswith("W/") and etag == if_range.strip()
-    lm = field(entry["fields"], "last-modified")
+    lm = field(_ix(entry), "last-modified")
     return lm is not None and lm.strip() == if_range.strip()
 
 
@@ -469,7 +501,8 @@ def freshen(entry, resp_fields, request_time, response_time):
     new = H.strip_hop_by_hop(resp_fields, _NOT_UPDATED)
     replaced = {n.lower() for n, _ in new}
     fields = [f for f in entry["fields"] if f[0].lower() not in replaced] + [list(f) for f in new]
-    return dict(entry, fields=fields, age_value=age_value(resp_fields),
+    kept = {k: v for k, v in entry.items() if not k.startswith("_")}
+    return dict(kept, fields=fields, age_value=age_value(resp_fields),
                 request_time=request_time, response_time=response_time)
 
 
@@ -477,7 +510,7 @@ def same_validator(entry, resp_fields):
     """4.3.4: a 304 whose strong ETag names another representation must not
     update this one."""
     new = field(resp_fields, "etag")
-    old = field(entry["fields"], "etag")
+    old = field(_ix(entry), "etag")
     if new is None or old is None or new.startswith("W/"):
         return True
     return new == old

@@ -21,6 +21,12 @@ Rule 3: ``max_size`` bounds the sum of the body sizes; the writer that goes
         so a hit seldom writes (nginx also updates its LRU lazily).
 Rule 4: one SQLite connection per process, opened after fork; every write
         is one short IMMEDIATE transaction.
+Rule 5: each process keeps the index rows it read (and the bodies of small
+        entries) in memory while ``index.gen``, a counter every writer
+        increments after its commit (under ``gen.lock``), has not moved; a
+        hit on a hot key then touches neither SQLite nor the file system.
+        A reader checks the counter before it queries, so what it keeps is
+        never older than the counter value it keeps it under.
 
 Chosen by measurement over diskcache and LMDB: see README "Cache store".
 """
@@ -28,17 +34,21 @@ Chosen by measurement over diskcache and LMDB: see README "Cache store".
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
+import mmap
 import os
 import sqlite3
+import struct
 import time
 
 log = logging.getLogger("gproxy.error")
 
 TOUCH_EVERY = 10.0      # seconds between last-use updates of one entry
 READ_SIZE = 256 * 1024  # a hit is sent in reads this large
-LOCK_STRIPES = 4096
+MEMO_ENTRIES = 4096     # index rows kept per process (Rule 5)
+MEMO_BODY = 16 * 1024   # bodies up to this size are kept with their row
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries(
@@ -64,10 +74,11 @@ def digest(text):
 class Entry:
     """One indexed response: its record (see ``cachepolicy.stored``)."""
 
-    __slots__ = ("id", "record", "atime")
+    __slots__ = ("id", "record", "atime", "body")
 
     def __init__(self, id, record, atime):
         self.id, self.record, self.atime = id, record, atime
+        self.body = None        # the body itself, once read, when it is small
 
 
 class Store:
@@ -76,6 +87,8 @@ class Store:
         self.max_size = max_size
         self._db = None
         self._pid = None
+        self._gen = None        # the mmap'd write counter (Rule 5)
+        self._memo, self._memo_gen = {}, None
 
     # -- the connection --------------------------------------------------------
 
@@ -94,7 +107,9 @@ class Store:
         db.execute("PRAGMA synchronous=NORMAL")     # a crash may lose the last rows, not corrupt
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        self._gen = _counter(os.path.join(self.path, "index.gen"))
         self._db, self._pid = db, os.getpid()
+        self._memo, self._memo_gen = {}, None
         self._sweep_tmp()
 
     def _sweep_tmp(self):
@@ -112,21 +127,49 @@ class Store:
 
     def variants(self, pkey):
         """Every stored response for a primary key, the newest first."""
-        rows = self.db.execute("SELECT id, record, atime FROM entries WHERE pkey = ? "
-                               "ORDER BY rowid DESC", (pkey,)).fetchall()
-        return [Entry(i, json.loads(r), a) for i, r, a in rows]
+        db = self.db
+        gen = _GEN.unpack_from(self._gen, 0)[0]     # before the query (Rule 5)
+        if gen != self._memo_gen:
+            self._memo.clear()
+            self._memo_gen = gen
+        found = self._memo.get(pkey)
+        if found is None:
+            rows = db.execute("SELECT id, record, atime FROM entries WHERE pkey = ? "
+                              "ORDER BY rowid DESC", (pkey,)).fetchall()
+            found = [Entry(i, json.loads(r), a) for i, r, a in rows]
+            if len(self._memo) >= MEMO_ENTRIES:
+                del self._memo[next(iter(self._memo))]
+            self._memo[pkey] = found
+        return found
 
     def open_body(self, entry):
-        """The body file, or None when it was evicted meanwhile (Rule 2)."""
+        """The body as a file object, or None when it was evicted meanwhile
+        (Rule 2); small bodies are read once and kept (Rule 5)."""
+        if entry.body is not None:
+            return io.BytesIO(entry.body)
         try:
-            return open(self.object_path(entry.id), "rb", buffering=0)
+            f = open(self.object_path(entry.id), "rb", buffering=0)
         except FileNotFoundError:
             return None
+        if entry.record.get("size", MEMO_BODY + 1) > MEMO_BODY:
+            return f
+        with f:
+            entry.body = f.read()
+        return io.BytesIO(entry.body)
 
     def touch(self, entry, now):
         if now - entry.atime >= TOUCH_EVERY:
+            entry.atime = now
             with _write(self.db) as db:
                 db.execute("UPDATE entries SET atime = ? WHERE id = ?", (now, entry.id))
+
+    def _changed(self):
+        """Count a committed change (Rule 5); writers take turns on gen.lock
+        so that no increment is lost."""
+        with open(os.path.join(self.path, "gen.lock"), "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            n = _GEN.unpack_from(self._gen, 0)[0]
+            _GEN.pack_into(self._gen, 0, (n + 1) & 0xFFFFFFFFFFFFFFFF)
 
     # -- writing ---------------------------------------------------------------
 
@@ -143,8 +186,9 @@ class Store:
                 db.execute("DELETE FROM entries WHERE id = ?", old)
                 doomed.append(old[0])
             db.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (id, pkey, skey, url, json.dumps(record), size, now))
+                       (id, pkey, skey, url, _dumps(record), size, now))
             doomed += self._evict(db)
+        self._changed()
         for d in doomed:
             _unlink(self.object_path(d))
 
@@ -166,7 +210,8 @@ class Store:
     def update(self, entry, record):
         """Replace a record after a 304 (the body stays)."""
         with _write(self.db) as db:
-            db.execute("UPDATE entries SET record = ? WHERE id = ?", (json.dumps(record), entry.id))
+            db.execute("UPDATE entries SET record = ? WHERE id = ?", (_dumps(record), entry.id))
+        self._changed()
 
     def remove(self, ids):
         if not ids:
@@ -175,6 +220,7 @@ class Store:
             n = 0
             for id in ids:
                 n += db.execute("DELETE FROM entries WHERE id = ?", (id,)).rowcount
+        self._changed()
         for id in ids:
             _unlink(self.object_path(id))
         return n
@@ -202,7 +248,7 @@ class Store:
     def try_lock(self, pkey):
         """An exclusive flock for one key (striped), or None when another
         request (any process) holds it. Closing the file releases it."""
-        name = os.path.join(self.path, "locks", digest(pkey)[:3])
+        name = os.path.join(self.path, "locks", digest(pkey)[:3])   # 4096 stripes
         f = open(name, "a+b")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -261,6 +307,25 @@ class _write:
 
     def __exit__(self, kind, value, tb):
         self.db.execute("COMMIT" if kind is None else "ROLLBACK")
+
+
+_GEN = struct.Struct("=Q")
+
+
+def _counter(path):
+    """The shared write counter, mapped (created as 8 zero bytes)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if os.fstat(fd).st_size < _GEN.size:
+            os.posix_fallocate(fd, 0, _GEN.size)
+        return mmap.mmap(fd, _GEN.size)
+    finally:
+        os.close(fd)
+
+
+def _dumps(record):
+    """The record as JSON, without what the rules derived from it ("_" keys)."""
+    return json.dumps({k: v for k, v in record.items() if not k.startswith("_")})
 
 
 def _alive(pid):
