@@ -192,7 +192,7 @@ class Plan:
         if lock is None:
             return      # somebody is already at it
         bg = copy.copy(self)    # its own state: this request is being served meanwhile
-        bg.ex = copy.copy(self.ex)
+        bg.ex, bg.file = copy.copy(self.ex), None
         t = threading.Thread(target=_background_revalidation, name="cache_revalidate",
                              args=(bg, lock, background_fetch), daemon=True)
         t.start()

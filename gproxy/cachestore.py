@@ -108,6 +108,7 @@ class Store:
         db.execute("PRAGMA busy_timeout=10000")
         db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
         self._gen = _counter(os.path.join(self.path, "index.gen"))
+        self._gen_lock = os.open(os.path.join(self.path, "gen.lock"), os.O_RDWR | os.O_CREAT, 0o644)
         self._db, self._pid = db, os.getpid()
         self._memo, self._memo_gen = {}, None
         self._sweep_tmp()
@@ -166,10 +167,13 @@ class Store:
     def _changed(self):
         """Count a committed change (Rule 5); writers take turns on gen.lock
         so that no increment is lost."""
-        with open(os.path.join(self.path, "gen.lock"), "a+b") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        fd = self._gen_lock
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
             n = _GEN.unpack_from(self._gen, 0)[0]
             _GEN.pack_into(self._gen, 0, (n + 1) & 0xFFFFFFFFFFFFFFFF)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
 
     # -- writing ---------------------------------------------------------------
 
@@ -280,8 +284,11 @@ class Writer:
     def finish(self, record, now):
         self.file.close()
         final = self.store.object_path(self.id)
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.rename(self.tmp, final)
+        try:
+            os.rename(self.tmp, final)
+        except FileNotFoundError:       # the first body under this prefix
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.rename(self.tmp, final)
         try:
             self.store.commit(self.pkey, self.skey, self.url, self.id, record, self.size, now)
         except BaseException:
