@@ -7,7 +7,7 @@ per request; the supervisor is not a gevent process).
     POST /upstreams/<upstream>/backends/<backend>/enable   back in rotation
     POST /instance/drain                             health_path answers 503, stop after drain_delay
     POST /instance/enable                            cancel that (before the stop)
-    GET  /cache, POST /cache/purge?url=|prefix=      see ``cacheadmin``
+    GET  /cache, POST /cache/purge?url=|prefix=      see ``cache`` (administration)
 
 <backend> is the backend's ``host:port`` as in /status. Unknown names get 404
 with a message; a client outside loopback and ``admin.allow`` gets 403.
@@ -21,7 +21,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
-from . import __version__, cacheadmin as cache_admin
+from . import __version__, cache as cache_admin
 
 log = logging.getLogger("gproxy.error")
 

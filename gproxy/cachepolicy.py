@@ -2,7 +2,7 @@
 
 No I/O: the clock (``now``, epoch seconds) is always passed in, headers are
 lists of (name, value) pairs, a stored response is a plain dict (``Stored``
-below) that the store keeps as JSON. ``cachehandler`` does the I/O.
+below) that the store keeps as JSON. ``cache`` does the I/O.
 
 Rule 1: store only what a shared cache may store (3, 3.5): GET, a final
         status, no ``no-store`` on either side, no ``private``, no

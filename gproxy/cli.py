@@ -205,17 +205,17 @@ def drain_instance(args):
 
 def cache(args):
     """``gproxy cache stats`` and ``gproxy cache purge URL``, on the store's files."""
-    from . import cacheadmin
+    from . import cache as cache_admin
     try:
         cfg = config.load(args.config)
     except ConfigError as e:
         print(f"gproxy: {e}", file=sys.stderr)
         return 1
     if args.action == "stats":
-        code, body = cacheadmin.stats(cfg)
+        code, body = cache_admin.stats(cfg)
     else:
         path = "/cache/purge?" + ("prefix=" if args.prefix else "url=") + quote(args.url or "", safe="")
-        code, body = cacheadmin.purge(cfg, path, "gproxy cache purge")
+        code, body = cache_admin.purge(cfg, path, "gproxy cache purge")
     if code != 200:
         print(f"gproxy: {body['error']}", file=sys.stderr)
         return 1

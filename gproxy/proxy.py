@@ -15,7 +15,7 @@ import ipaddress
 import time
 from random import getrandbits
 
-from . import cachehandler, downstream, errors, exchange, forward as _forward, gateway, headers as H, instance, stats
+from . import cache as _cache, downstream, errors, exchange, forward as _forward, gateway, headers as H, instance, stats
 from . import upgrade as _upgrade
 from .balancer import make_policy
 from .exchange import Exchange
@@ -111,7 +111,7 @@ class ProxyApp:
         self.upgrades = _upgrade.Upgrades(self.recorder, config.tunnel)
         self.gate = gateway.Gate(config, self.stats, self.is_trusted, shared and shared.runtime_dir)
         self.lb_health = instance.HealthPath(config)     # health_path for the LB in front
-        self.cache = cachehandler.Cache(config, self.recorder) if any(r.cache for r in config.routes) else None
+        self.cache = _cache.Cache(config, self.recorder) if any(r.cache for r in config.routes) else None
 
     # -- the story -----------------------------------------------------------
 

@@ -4,6 +4,7 @@ once, eviction at max_size, a worker killed mid-write leaves no entry, the
 body streams (RSS flat), revalidation, invalidation, purge, statistics.
 """
 
+import email.utils
 import hashlib
 import http.client
 import json
@@ -188,7 +189,9 @@ def cache_cli(g, *args):
 # -- sharing, collapsing, eviction, crashes ---------------------------------------
 
 def test_a_response_stored_by_one_worker_is_a_hit_in_the_other(gproxy, origin, tmp_path):
-    origin.routes["/a"] = (200, [("Cache-Control", "max-age=60"), ("ETag", '"1"')], b"shared body")
+    date = email.utils.formatdate(usegmt=True)
+    origin.routes["/a"] = (200, [("Cache-Control", "max-age=60"), ("ETag", '"1"'), ("Date", date)],
+                           b"shared body")
     g = gproxy(conf(origin, tmp_path / "c"))
     first = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
     status, h, body = get(g, "/a", conn=first)
@@ -207,6 +210,7 @@ def test_a_response_stored_by_one_worker_is_a_hit_in_the_other(gproxy, origin, t
     first.close()
     assert origin.count("/a") == 1, f"the backend saw {origin.count('/a')} requests, want 1"
     assert int(h["age"]) >= 0
+    assert h["date"] == date, "a stored response is sent with its own Date (RFC 9110 6.6.1)"
 
 
 def test_concurrent_misses_reach_the_backend_once(gproxy, origin, tmp_path):

@@ -2,14 +2,17 @@
 store while streaming, invalidate.
 
     plan = cache.lookup(environ, ex, route, fields)     # None: not a cached route
-    if plan is not None and plan.answer:                # HIT, STALE, UPDATING, 504
-        return plan.serve(start_response, record, background_fetch)
-    resp = plan.forward(send)                           # MISS, EXPIRED, REVALIDATED, BYPASS
+    sent = plan.forward(send)                           # MISS, EXPIRED, REVALIDATED, BYPASS
+    if sent is None:                                    # HIT, STALE, UPDATING, 504
+        return plan.serve(start_response, send)
+    attempt, resp = sent
 
-``send(fields)`` is the proxy's own forwarding (choose, retries, timeouts);
-the response it returns is wrapped so that its body is written to the store
-while it streams to the client. The rules are ``cachepolicy``; the files and
-the index are ``cachestore``.
+``send(fields, ex=ex, body=body)`` is the proxy's own forwarding
+(``exchange.send``: choose, retries, timeouts); the response it returns is
+wrapped so that its body is written to the store while it streams to the
+client. The rules are ``cachepolicy``; the files and the index are
+``cachestore``. ``stats`` and ``purge`` serve the admin endpoint and
+``gproxy cache``.
 
 Rule 1: the store never fails a request. An I/O error while looking up or
         writing is logged and the request is proxied as if uncached (BYPASS).
@@ -28,7 +31,9 @@ import sqlite3
 import threading
 import time
 
-from . import cachepolicy as P, errors
+from urllib.parse import parse_qs, urlsplit
+
+from . import cachepolicy as P, errors, exchange
 from .cachestore import READ_SIZE, Store
 
 log = logging.getLogger("gproxy.error")
@@ -37,14 +42,15 @@ LOCK_POLL = 0.02    # seconds between tries of a busy key lock
 _CONDITIONAL = frozenset(("if-none-match", "if-modified-since", "if-match", "if-unmodified-since",
                           "if-range"))
 _STORE_ERRORS = (OSError, sqlite3.Error, ValueError)
-_SERVED_DROP = frozenset(("content-length", "date", "server"))
+_SERVED_DROP = frozenset(("content-length", "server"))
 
 
 class Cache:
     """One per worker (and one in the supervisor for purge and stats)."""
 
-    def __init__(self, config):
+    def __init__(self, config, recorder):
         self.cfg = config.cache
+        self.recorder = recorder
         self.store = Store(self.cfg.path, self.cfg.max_size)
         self.rules = {r.name: P.Route(r.cache.default_ttl, r.cache.stale_while_revalidate,
                                       r.cache.stale_if_error, r.cache.cdn_cache_control)
@@ -170,7 +176,9 @@ class Plan:
 
     # -- answering from the store ----------------------------------------------
 
-    def serve(self, start_response, record, background_fetch):
+    def serve(self, start_response, send):
+        """Answer from the store; ``send`` (as for ``forward``) is used by a
+        background revalidation."""
         ex = self.ex
         if self.answer == "gateway_timeout":
             raise errors.NotCached()
@@ -179,29 +187,29 @@ class Plan:
         if self.file is None and not self._open():
             raise errors.CacheEntryGone()
         if self.answer == P.UPDATING:
-            self._revalidate_in_background(background_fetch)
+            self._revalidate_in_background(send)
         now = time.time()
         try:
             self.store.touch(self.entry, now)
         except _STORE_ERRORS as e:
             _store_failed("touch", e)
-        return Hit(self, self.entry.record, now, start_response, record)
+        return Hit(self, self.entry.record, now, start_response)
 
-    def _revalidate_in_background(self, background_fetch):
+    def _revalidate_in_background(self, send):
         lock = self.store.try_lock(self.key)
         if lock is None:
             return      # somebody is already at it
         bg = copy.copy(self)    # its own state: this request is being served meanwhile
         bg.ex, bg.file = copy.copy(self.ex), None
         t = threading.Thread(target=_background_revalidation, name="cache_revalidate",
-                             args=(bg, lock, background_fetch), daemon=True)
+                             args=(bg, lock, send), daemon=True)
         t.start()
 
     # -- going upstream --------------------------------------------------------
 
     def forward(self, send):
-        """The upstream response to relay, wrapped for the cache; None when
-        the request is to be answered from the store (``serve``)."""
+        """(attempt, the upstream response to relay wrapped for the cache);
+        None when the request is to be answered from the store (``serve``)."""
         if self.answer:
             return None
         fields = self.fields
@@ -210,7 +218,7 @@ class Plan:
             fields += P.conditional_fields(self.entry.record)
         self.request_time = time.time()
         try:
-            resp = send(fields)
+            attempt, resp = send(fields)
         except errors.ProxyError:
             self.release()
             if self.entry is None or not P.usable_on_error(self.entry.record, time.time(), self.rules):
@@ -218,11 +226,11 @@ class Plan:
             self.answer = P.STALE       # RFC 5861 4: stale-if-error
             return None
         try:
-            return self._received(resp)
+            return attempt, self._received(resp)
         except _STORE_ERRORS as e:
             _store_failed("store", e)
             self.release()
-            return Relayed(resp, "BYPASS", None, self)
+            return attempt, Relayed(resp, "BYPASS", None, self)
 
     def _received(self, resp):
         ex, now = self.ex, time.time()
@@ -283,10 +291,11 @@ class Served:
         self.start, self.length = 0, None
         tail = [("Age", P.age_field(record, now)), ("X-Cache-Status", plan.status)]
         if P.not_modified(record, plan.req):
-            fields = [f for f in P.not_modified_fields(record) if f[0].lower() != "date"]
+            fields = P.not_modified_fields(record)
             self.status, self.reason, self.fields = 304, "Not Modified", fields + tail
             return
-        # stored fields are end-to-end already; the server writes Date and Server
+        # stored fields are end-to-end already; the server writes Server (and
+        # the stored Date instead of its own: RFC 9110 6.6.1)
         fields = [(n, v) for n, v in record["fields"] if n.lower() not in _SERVED_DROP]
         self.status, self.reason = record["status"], record["reason"]
         size = record["size"]
@@ -333,10 +342,10 @@ class Hit:
     """A response served from the store without touching a backend; its
     ``close()`` writes the access log."""
 
-    __slots__ = ("plan", "file", "record", "length")
+    __slots__ = ("plan", "file", "length")
 
-    def __init__(self, plan, record, now, start_response, record_fn):
-        self.plan, self.record = plan, record_fn
+    def __init__(self, plan, record, now, start_response):
+        self.plan = plan
         served = Served(plan, record, now)
         plan.ex.status = served.status
         self.file, self.length = served.open(plan), served.length
@@ -351,21 +360,20 @@ class Hit:
     def close(self):
         if self.file is not None:
             self.file.close()
-        self.record(self.plan.ex)
+        self.plan.cache.recorder.record(self.plan.ex)
 
 
 class Relayed:
     """An upstream response relayed to the client, its body written to the
     store as it passes (when ``writer`` is given)."""
 
-    __slots__ = ("resp", "status", "reason", "headers", "index", "plan", "writer", "vary", "_done")
+    __slots__ = ("resp", "status", "reason", "headers", "plan", "writer", "vary")
 
     def __init__(self, resp, cache_status, writer, plan):
         self.resp, self.plan = resp, plan
-        self.status, self.reason, self.index = resp.status, resp.reason, resp.index
+        self.status, self.reason = resp.status, resp.reason
         self.headers = resp.headers + [("X-Cache-Status", cache_status)]
         self.writer, self.vary = writer if writer else (None, None)
-        self._done = False
 
     @property
     def completed(self):
@@ -425,12 +433,12 @@ class FromStore:
     """The stored response sent in place of an upstream one (after a 304,
     or stale on a 5xx); looks like a transport response to the proxy."""
 
-    __slots__ = ("plan", "upstream", "status", "reason", "headers", "index",
+    __slots__ = ("plan", "upstream", "status", "reason", "headers",
                  "completed", "connect_time", "file", "length")
 
     def __init__(self, plan, record, upstream, now):
         self.plan, self.upstream = plan, upstream
-        self.index, self.connect_time = upstream.index, upstream.connect_time
+        self.connect_time = upstream.connect_time
         self.completed = False
         served = Served(plan, record, now)
         self.status, self.reason, self.headers = served.status, served.reason, served.fields
@@ -452,31 +460,26 @@ class FromStore:
         self.upstream.close()
 
 
-def _background_revalidation(plan, lock, background_fetch):
-    """RFC 5861 3: refresh a stale entry after it was served. The proxy's
-    ``background_fetch(fields)`` returns its own body iterable (``.resp``,
-    ``close()`` returns the connection and logs the request)."""
+def _background_revalidation(plan, lock, send):
+    """RFC 5861 3: refresh a stale entry after it was served, as a request
+    of its own (its own Exchange, logged when it ends)."""
     plan.lock, plan.answer, plan.status, plan.storing = lock, None, "EXPIRED", True
     plan.fields = [f for f in plan.fields if f[0].lower() not in ("cache-control", "pragma")]
     plan.req = P.index(plan.fields)
-    fetched = []
-
-    def send(f):
-        fetched.append(background_fetch(f))
-        return fetched[-1].resp
-
-    resp = None
+    plan.ex.cache_status = "UPDATING"
+    streamer = None
     try:
-        resp = plan.forward(send)
-        for _ in resp.body():
+        sent = plan.forward(lambda f: send(f, plan.ex, None))
+        if sent is None:
+            return      # the upstream failed and the entry stays as it is
+        streamer = exchange.Streamer(plan.cache.recorder, plan.ex, *sent)
+        plan.ex.status = sent[1].status
+        for _ in streamer:
             pass
     except (errors.ProxyError, OSError) as e:
         log.warning("cache: background revalidation of %s failed: %s", plan.url, e)
     finally:
-        if resp is not None:
-            resp.discard()
-        for streamer in fetched:
-            streamer.ex.status = streamer.resp.status
+        if streamer is not None:
             streamer.close()
         plan.release()
 
@@ -492,3 +495,63 @@ def _cookie(header, name):
         if k == name:
             return v
     return ""
+
+
+# -- administration: the admin endpoint (in the supervisor) and ``gproxy cache``
+#
+#    GET  /cache                                   JSON: entries, bytes, max_size
+#    POST /cache/purge?url=http://host/path?q      that URL (every variant)
+#    POST /cache/purge?prefix=http://host/path/    every URL that starts so
+#
+# The store is on disk and shared, so acting on it here acts for every worker.
+
+_admin_lock = threading.Lock()      # the admin server is threaded; one connection
+_stores = {}
+
+
+def store(cfg):
+    key = (cfg.cache.path, cfg.cache.max_size)
+    if key not in _stores:
+        _stores.clear()
+        _stores[key] = Store(*key)
+    return _stores[key]
+
+
+def enabled(cfg):
+    return any(r.cache for r in cfg.routes)
+
+
+def stats(cfg):
+    """(status, body) for GET /cache."""
+    if not enabled(cfg):
+        return 404, {"error": "no route has a cache"}
+    with _admin_lock:
+        return 200, store(cfg).stats()
+
+
+def store_url(url):
+    """``http://Host:8080/a?b`` -> ``host:8080/a?b``, the form the store
+    indexes (the Host a client sent, then the request target); None if
+    it is not an absolute http(s) URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return None
+    return parts.netloc.lower() + (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def purge(cfg, request_path, client):
+    """(status, body) for POST /cache/purge?url=... or ?prefix=..."""
+    if not enabled(cfg):
+        return 404, {"error": "no route has a cache"}
+    query = parse_qs(urlsplit(request_path).query)
+    given = [(k, query[k][0]) for k in ("url", "prefix") if k in query]
+    if len(given) != 1:
+        return 400, {"error": "give one of ?url=http://host/path or ?prefix=http://host/path/"}
+    kind, url = given[0]
+    where = store_url(url)
+    if where is None:
+        return 400, {"error": f"not an absolute http(s) URL: {url!r}"}
+    with _admin_lock:
+        n = store(cfg).purge(where, prefix=kind == "prefix")
+    log.warning("admin: %s purged %d cache entries for %s %s", client, n, kind, url)
+    return 200, {"purged": n, kind: url}
