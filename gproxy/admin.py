@@ -21,7 +21,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
-from . import __version__, cache as cache_admin
+from . import __version__
 
 log = logging.getLogger("gproxy.error")
 
@@ -71,7 +71,7 @@ class AdminHandler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?", 1)[0]
         if path == "/cache":
-            self.reply(*cache_admin.stats(self.server.supervisor.cfg))
+            self.reply(*_cache().stats(self.server.supervisor.cfg))
         elif path == "/status":
             self.reply(200, status(self.server.supervisor))
         elif path == "/healthz":
@@ -88,7 +88,7 @@ class AdminHandler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] in ("/instance/drain", "/instance/enable"):
             return self.instance_action(self.path.split("?", 1)[0].rsplit("/", 1)[1])
         if self.path.split("?", 1)[0] == "/cache/purge":
-            self.reply(*cache_admin.purge(self.server.supervisor.cfg, self.path, self.client_address[0]))
+            self.reply(*_cache().purge(self.server.supervisor.cfg, self.path, self.client_address[0]))
             return
         found = self.action(self.path.split("?", 1)[0])
         if found is None:
@@ -165,6 +165,13 @@ class AdminHandler(BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         log.debug("admin: %s %s", self.client_address[0], fmt % args)
+
+
+def _cache():
+    """The cache's administration, imported on first use: it brings the
+    request path's modules, which the supervisor does not otherwise load."""
+    from . import cache
+    return cache
 
 
 def unknown(sup, upstream, backend):
