@@ -32,21 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import run as R  # noqa: E402
 
-CACHED_YAML = """
-listen: ["127.0.0.1:{port}"]
-workers: 2
-worker_connections: 10000
-keepalive_timeout: 75s
-access_log: {{format: "off"}}
-cache: {{path: {cache}, max_size: 64MB}}
-upstreams:
-  backend:
-    backends: ["http://127.0.0.1:{backend}"]
-    pool: {{max_idle_per_backend: 32}}
-routes:
-  - upstream: backend
-    cache: {{default_ttl: 10m}}
-"""
+CACHE_STORE = "cache: {{path: {cache}, max_size: 64MB}}"
+CACHED_ROUTE = "  - upstream: backend\n    cache: {default_ttl: 10m}\n"
+
 
 UNIQUE_LUA = """
 n = 0
@@ -61,10 +49,14 @@ class CachedGProxy(R.GProxy):
     name = "gproxy-cached"
 
     def command(self):
-        self.config = self.write("gproxy.yaml", CACHED_YAML.format(
-            port=self.port, backend=self.backend, cache=os.path.join(self.dir, "cache")))
-        return [sys.executable, "-m", "gunicorn", "-c", os.path.join(R.REPO, "gunicorn.conf.py"),
-                "gproxy.wsgi"]
+        """run.py's gproxy, plus a store and a cache on its one route."""
+        self.extra = CACHE_STORE.format(cache=os.path.join(self.dir, "cache"))
+        cmd = super().command()
+        with open(self.config) as f:
+            text = f.read()
+        assert "  - upstream: backend\n" in text, "run.py's GPROXY_YAML changed its route"
+        self.write("gproxy.yaml", text.replace("  - upstream: backend\n", CACHED_ROUTE))
+        return cmd
 
 
 def unique_wrk(port, conns, seconds, workdir):

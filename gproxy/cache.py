@@ -33,7 +33,7 @@ import time
 
 from urllib.parse import parse_qs, urlsplit
 
-from . import cachepolicy as P, errors, exchange
+from . import cachepolicy as P, errors, exchange, headers as H
 from .cachestore import READ_SIZE, Store
 
 log = logging.getLogger("gproxy.error")
@@ -93,7 +93,7 @@ def cache_key(route, environ, ex):
         else:
             kind, _, name = part.partition(":")
             value = environ.get("HTTP_" + name.upper().replace("-", "_"), "")
-            parts.append(value if kind == "header" else _cookie(value, name))
+            parts.append(value if kind == "header" else H.cookie(value, name))
     return "\x00".join(parts)
 
 
@@ -487,14 +487,6 @@ def _background_revalidation(plan, lock, send):
 def _store_failed(what, e):
     log.error("cache: %s failed: %r", what, e, extra={"fields": {"event": "cache_store_failed",
                                                                "step": what}})
-
-
-def _cookie(header, name):
-    for part in header.split(";"):
-        k, _, v = part.strip().partition("=")
-        if k == name:
-            return v
-    return ""
 
 
 # -- administration: the admin endpoint (in the supervisor) and ``gproxy cache``

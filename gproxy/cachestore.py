@@ -41,7 +41,6 @@ import mmap
 import os
 import sqlite3
 import struct
-import time
 
 log = logging.getLogger("gproxy.error")
 

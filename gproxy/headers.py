@@ -87,3 +87,12 @@ def client_address(incoming_xff, peer, is_trusted):
         if not is_trusted(hop):
             return hop
     return hops[0] if hops else peer
+
+
+def cookie(header, name):
+    """The value of cookie ``name`` in a ``Cookie`` header value, or ""."""
+    for part in header.split(";"):
+        k, _, v = part.strip().partition("=")
+        if k == name:
+            return v
+    return ""

@@ -222,7 +222,7 @@ class ProxyApp:
         if hk.kind == "header":
             v = environ.get("HTTP_" + hk.name.upper().replace("-", "_"), "")
         elif hk.kind == "cookie":
-            v = _cookie(environ.get("HTTP_COOKIE", ""), hk.name)
+            v = H.cookie(environ.get("HTTP_COOKIE", ""), hk.name)
         elif hk.kind == "client_ip":
             v = ex.client
         elif hk.kind == "path":
@@ -259,11 +259,3 @@ def _backend_host(up, i):
     b = up.backends[i]
     default = 443 if b.scheme == "https" else 80
     return b.host if b.port == default else b.name
-
-
-def _cookie(header, name):
-    for part in header.split(";"):
-        k, _, v = part.strip().partition("=")
-        if k == name:
-            return v
-    return ""

@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,91 +19,49 @@ import urllib.request
 import pytest
 
 from monitoring import StatsdListener
-from servers import REPO, free_port, wait_until
+from servers import REPO, Backend, free_port, wait_until
 
 BLOCK = hashlib.sha256(b"cache").digest() * 2048      # 64 KiB
 
 
-class Origin:
-    """A scripted backend: ``routes[path] = (status, [(name, value)], body)``;
-    ``hold[path]`` is an Event the response waits on after ``hold_after``
-    bytes of body; every request is kept in ``received``."""
+class Origin(Backend):
+    """A scripted backend: ``routes[path] = (status, [(name, value)], body)``
+    (``body`` bytes, or a size to send in pattern blocks; ``fields`` may be
+    a function of the request headers returning all three); ``hold[path]``
+    is an Event the response waits on after ``hold_after`` bytes of body."""
 
     def __init__(self):
-        self.routes, self.hold, self.received = {}, {}, []
-        self.hold_after = 0
-        self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.running = True
-        threading.Thread(target=self._accept, daemon=True, name="origin").start()
-
-    def count(self, path):
-        with self.lock:
-            return sum(1 for r in self.received if r[1].split("?")[0] == path)
+        super().__init__("origin")
+        self.routes, self.hold, self.hold_after = {}, {}, 0
+        self.handler = Origin._respond
 
     def requests(self, path):
         with self.lock:
-            return [r for r in self.received if r[1].split("?")[0] == path]
+            return [r for r in self.received if r.target.split("?")[0] == path]
+
+    def count(self, path):
+        return len(self.requests(path))
 
     def stop(self):
-        self.running = False
-        self.sock.close()
         for e in self.hold.values():
             e.set()
+        super().stop()
 
-    def _accept(self):
-        while self.running:
-            try:
-                s, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(s,), daemon=True).start()
-
-    def _serve(self, s):
-        f = s.makefile("rb")
-        try:
-            while True:
-                line = f.readline()
-                if not line or not self.running:
-                    return      # stopped: kept-alive connections break too
-                method, target, _ = line.decode().split(" ", 2)
-                headers = {}
-                while True:
-                    h = f.readline().decode()
-                    if h in ("\r\n", ""):
-                        break
-                    n, _, v = h.partition(":")
-                    headers[n.strip().lower()] = v.strip()
-                n = int(headers.get("content-length") or 0)
-                if n:
-                    f.read(n)
-                with self.lock:
-                    self.received.append((method, target, headers))
-                self._respond(s, method, target.split("?")[0], headers)
-        except OSError:
-            return
-        finally:
-            s.close()
-
-    def _respond(self, s, method, path, headers):
+    def _respond(self, req, conn):
+        s, path = conn.sock, req.target.split("?")[0]
         status, fields, body = self.routes.get(path, (404, [], b"no route\n"))
         if callable(fields):
-            status, fields, body = fields(headers)
+            status, fields, body = fields({n.lower(): v for n, v in req.headers})
         head = [f"HTTP/1.1 {status} X"] + [f"{n}: {v}" for n, v in fields]
         size = body if isinstance(body, int) else len(body)
         if status not in (204, 304):
             head.append(f"Content-Length: {size}")
         s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
-        if method == "HEAD" or status in (204, 304):
-            return
+        if req.method == "HEAD" or status in (204, 304):
+            return True
         if isinstance(body, bytes):
             s.sendall(body)
-            return
+            return True
         sent, gate = 0, self.hold.get(path)
         while sent < size:
             if gate is not None and sent >= self.hold_after:
@@ -113,6 +70,7 @@ class Origin:
             piece = BLOCK[:min(len(BLOCK), size - sent)]
             s.sendall(piece)
             sent += len(piece)
+        return True
 
 
 def big_digest(size):
@@ -352,7 +310,7 @@ def test_revalidation_head_vary_and_invalidation(gproxy, origin, tmp_path):
     assert get(g, "/v")[1]["x-cache-status"] == "MISS"
     status, h, body = get(g, "/v")
     assert (status, h["x-cache-status"], h["x-fresh"], body) == (200, "REVALIDATED", "2", b"validated body")
-    assert origin.requests("/v")[1][2].get("if-none-match") == '"v1"'
+    assert origin.requests("/v")[1].header("If-None-Match") == '"v1"'
     assert get(g, "/v", headers={"If-None-Match": '"v1"'})[0] == 304
 
     assert get(g, "/doc")[1]["x-cache-status"] == "MISS"
@@ -371,7 +329,7 @@ def test_revalidation_head_vary_and_invalidation(gproxy, origin, tmp_path):
     status, h, _ = get(g, "/doc", method="POST")
     assert h["x-cache-status"] == "BYPASS"
     assert get(g, "/doc")[1]["x-cache-status"] == "MISS", "a POST did not invalidate the URI"
-    assert [m for m, _, _ in origin.requests("/doc")] == ["GET", "POST", "GET"]
+    assert [r.method for r in origin.requests("/doc")] == ["GET", "POST", "GET"]
 
 
 def test_stale_while_revalidate_and_stale_if_error(gproxy, origin, tmp_path):
