@@ -384,12 +384,32 @@ class Relayed:
         return self.resp.connect_time
 
     def body(self):
+        """The pieces as they arrive, written to the store on the way. The
+        entry is committed before the client has the whole body (a client
+        that asks again at once finds it): when the Content-Length is
+        reached, or, chunked, by holding each piece until the next one
+        arrives (or the body ends)."""
+        length = P.field(self.resp.headers, "content-length")
+        length = int(length) if length is not None and length.isdigit() else None
+        held = None
         for piece in self.resp.body():
             if self.writer is not None:
                 self._write(piece)
+            if self.writer is not None and length is None:
+                if held is not None:
+                    yield held
+                held = piece
+                continue
+            if held is not None:        # the writer went away (too large): flush
+                yield held
+                held = None
+            if self.writer is not None and self.writer.size == length:
+                self._finish()          # complete by its length
             yield piece
         if self.writer is not None and self.resp.completed:
             self._finish()
+        if held is not None:
+            yield held
 
     def _write(self, piece):
         try:

@@ -53,6 +53,10 @@ class Origin(Backend):
         if callable(fields):
             status, fields, body = fields({n.lower(): v for n, v in req.headers})
         head = [f"HTTP/1.1 {status} X"] + [f"{n}: {v}" for n, v in fields]
+        if isinstance(body, list):      # chunked, one chunk per item
+            s.sendall(("\r\n".join(head + ["Transfer-Encoding: chunked"]) + "\r\n\r\n").encode()
+                      + b"".join(b"%x\r\n%b\r\n" % (len(c), c) for c in body) + b"0\r\n\r\n")
+            return True
         size = body if isinstance(body, int) else len(body)
         if status not in (204, 304):
             head.append(f"Content-Length: {size}")
@@ -305,6 +309,7 @@ def test_revalidation_head_vary_and_invalidation(gproxy, origin, tmp_path):
     origin.routes["/lang"] = (0, lambda h: (200, [("Cache-Control", "max-age=60"), ("Vary", "Accept-Language")],
                                             f"in {h.get('accept-language')}".encode()), b"")
     origin.routes["/doc"] = (200, [("Cache-Control", "max-age=60")], b"doc")
+    origin.routes["/chunked"] = (200, [("Cache-Control", "max-age=60")], [b"one ", b"two ", b"three"])
     g = gproxy(conf(origin, tmp_path / "c"))
 
     assert get(g, "/v")[1]["x-cache-status"] == "MISS"
@@ -312,6 +317,12 @@ def test_revalidation_head_vary_and_invalidation(gproxy, origin, tmp_path):
     assert (status, h["x-cache-status"], h["x-fresh"], body) == (200, "REVALIDATED", "2", b"validated body")
     assert origin.requests("/v")[1].header("If-None-Match") == '"v1"'
     assert get(g, "/v", headers={"If-None-Match": '"v1"'})[0] == 304
+
+    status, h, body = get(g, "/chunked")
+    assert (h["x-cache-status"], body) == ("MISS", b"one two three")
+    status, h, body = get(g, "/chunked")      # at once: stored before the client had it all
+    assert (h["x-cache-status"], body) == ("HIT", b"one two three")
+    assert origin.count("/chunked") == 1
 
     assert get(g, "/doc")[1]["x-cache-status"] == "MISS"
     status, h, body = get(g, "/doc", method="HEAD")
