@@ -36,5 +36,10 @@ def gproxy(tmp_path):
         return g.start()
 
     yield start
-    for g in started:
-        g.stop()
+    failures = []
+    for g in started:           # stop every one, then report a forced kill
+        try:
+            g.stop()
+        except AssertionError as e:
+            failures.append(str(e))
+    assert not failures, "\n".join(failures)

@@ -8,6 +8,7 @@ when it is missing (into ``.ci/node``, which git ignores).
 """
 
 import collections
+import fcntl
 import json
 import os
 import shutil
@@ -96,11 +97,16 @@ class StatsdListener:
 def statsd_js():
     """The path of the npm statsd daemon's stats.js, installing it if needed."""
     path = os.path.join(NODE_DIR, "node_modules", "statsd", "stats.js")
-    if not os.path.exists(path):
-        os.makedirs(NODE_DIR, exist_ok=True)
-        subprocess.run(["npm", "install", "--prefix", NODE_DIR, "--no-audit", "--no-fund",
-                        "--no-save", f"statsd@{STATSD_NPM_VERSION}"],
-                       check=True, timeout=300, capture_output=True)
+    if os.path.exists(path):
+        return path
+    os.makedirs(NODE_DIR, exist_ok=True)
+    # Parallel test processes install once: the first holds the lock.
+    with open(os.path.join(NODE_DIR, ".install.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(path):
+            subprocess.run(["npm", "install", "--prefix", NODE_DIR, "--no-audit", "--no-fund",
+                            "--no-save", f"statsd@{STATSD_NPM_VERSION}"],
+                           check=True, timeout=300, capture_output=True)
     return path
 
 

@@ -7,11 +7,13 @@ Everything listens on 127.0.0.1; ports come from the kernel (port 0).
 import gzip
 import hashlib
 import os
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +27,35 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _top_level_keys(text):
+    """The keys of a YAML mapping, or None when ``text`` is not one."""
+    import yaml
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    return set(data) if isinstance(data, dict) and data else None
+
+
+def worker_serving(pid):
+    """True once gunicorn worker ``pid`` is in its serving loop: the worker's
+    heartbeat (gunicorn WorkerTmp.notify, first called after its servers
+    started accepting) sets its temp file's mtime to time.monotonic(), far
+    below the wall-clock time the file was created with."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if "wgunicorn-" in os.readlink(path):
+                return os.stat(path).st_mtime <= time.monotonic()
+        except OSError:
+            continue
+    return False
 
 
 def wait_until(predicate, timeout, what, interval=0.05):
@@ -264,7 +295,12 @@ class Backend:
 
 
 class GProxy:
-    """gproxy under real gunicorn: ``GProxy(tmp_path, yaml_text).start()``."""
+    """gproxy under real gunicorn: ``GProxy(tmp_path, yaml_text).start()``.
+
+    Each instance is alone on the machine: its own port, its own admin port
+    and its own runtime directory unless the text sets them, so tests can run
+    in parallel (pytest-xdist).
+    """
 
     def __init__(self, workdir, config_text, env=None, conf=None, launcher=None):
         self.workdir = str(workdir)
@@ -275,8 +311,10 @@ class GProxy:
         self.launcher = launcher or [sys.executable, "-m", "gunicorn"]
         self.port = free_port()
         self.config_path = os.path.join(self.workdir, "gproxy.yaml")
-        with open(self.config_path, "w") as f:
-            f.write(config_text.replace("{port}", str(self.port)))
+        self.admin_port = free_port()
+        # short: the failure socket's path must fit in sockaddr_un (108 bytes)
+        self.runtime_base = tempfile.mkdtemp(prefix="gp-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None)
+        self.write_config(config_text)
         self.stdout_path = os.path.join(self.workdir, "gproxy.stdout")
         self.stderr_path = os.path.join(self.workdir, "gproxy.stderr")
         self.env = dict(os.environ, GPROXY_CONFIG=self.config_path, **(env or {}))
@@ -285,58 +323,100 @@ class GProxy:
         self.proc = None
         self.url = f"http://127.0.0.1:{self.port}"
 
+    def write_config(self, text):
+        """Write the config file: '{port}' is this gproxy's port; the admin
+        port and runtime directory are this instance's unless ``text`` sets them."""
+        text = text.replace("{port}", str(self.port))
+        keys = _top_level_keys(text)
+        if keys is not None and "admin" not in keys:
+            text = text.rstrip("\n") + f'\nadmin: {{listen: "127.0.0.1:{self.admin_port}"}}\n'
+        if keys is not None and "runtime_dir" not in keys:
+            text = text.rstrip("\n") + f"\nruntime_dir: {self.runtime_base}\n"
+        with open(self.config_path, "w") as f:
+            f.write(text)
+
+    def command(self):
+        return [*self.launcher, "-c", self.conf, "gproxy.wsgi"]
+
     def start(self, timeout=15):
-        self.proc = subprocess.Popen(
-            [*self.launcher, "-c", self.conf, "gproxy.wsgi"],
-            cwd=self.workdir, env=self.env,
-            stdout=open(self.stdout_path, "wb"), stderr=open(self.stderr_path, "wb"))
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Start gunicorn and return once every worker serves (no sooner: a
+        signal that reaches a worker before gunicorn installed its handlers
+        is lost, and the arbiter then waits graceful_timeout for it)."""
+        self.proc = subprocess.Popen(self.command(), cwd=self.workdir, env=self.env,
+                                     stdout=open(self.stdout_path, "wb"), stderr=open(self.stderr_path, "wb"))
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout=15):
+        """Until the configured number of workers run and each is serving."""
+        want = self.expected_workers()
+
+        def ready():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gproxy exited {self.proc.returncode}: {self.stderr()}")
-            if len(self.worker_pids()) >= self.expected_workers() and self._accepts():
-                return self
-            time.sleep(0.05)
-        raise RuntimeError(f"gproxy did not start: {self.stderr()}")
+            pids = self.worker_pids()
+            return len(pids) == want and all(map(worker_serving, pids))
+        try:
+            wait_until(ready, timeout, f"{want} gproxy workers serving", 0.02)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; stderr: {self.stderr()[-2000:]}") from None
 
     def expected_workers(self):
         import yaml
         with open(self.config_path) as f:
             return (yaml.safe_load(f) or {}).get("workers", 2)
 
-    def _accepts(self):
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
     def worker_pids(self):
         if self.proc is None:
             return []
-        try:
-            with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
-                kids = [int(p) for p in f.read().split()]
-        except OSError:
-            return []
         out = []
-        for pid in kids:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if b"worker" in f.read():
-                        out.append(pid)
-            except OSError:
-                pass
+        for pid in children(self.proc.pid):
+            if "worker" in cmdline(pid) and alive(pid):
+                out.append(pid)
         return out
 
-    def stop(self):
+    def runtime_dir(self):
+        """This arbiter's runtime directory (when the fixture chose its base)."""
+        return os.path.join(self.runtime_base, f"gproxy-{self.proc.pid}")
+
+    def wait_supervisor(self, timeout=15):
+        """Until the supervisor has loaded the config (it keeps a copy of the
+        last good file), so a test may then rewrite the file."""
+        path = os.path.join(self.runtime_dir(), "last-good.yaml")
+        wait_until(lambda: os.path.exists(path), timeout, "the supervisor to load the config")
+
+    def hup(self, timeout=30):
+        """Reload (HUP) and return once only new workers run, each serving."""
+        old = set(self.worker_pids())
+        self.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: not set(self.worker_pids()) & old, timeout, "the old workers to exit")
+        self.wait_ready(timeout)
+
+    def stop(self, graceful=False, timeout=10):
+        """QUIT (gunicorn's fast shutdown), or TERM when ``graceful``: workers
+        then finish their connections, up to graceful_timeout. A gproxy that
+        does not exit within ``timeout`` is SIGKILLed and the test fails."""
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            # A worker still booting would lose the signal (see start).
+            deadline = time.monotonic() + timeout
+            while not all(map(worker_serving, self.worker_pids())) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            self.proc.send_signal(signal.SIGTERM if graceful else signal.SIGQUIT)
             try:
-                self.proc.wait(10)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+                raise AssertionError(f"gproxy (pid {self.proc.pid}) ignored "
+                                     f"{'TERM' if graceful else 'QUIT'} for {timeout}s and was SIGKILLed; "
+                                     f"stderr: {self.stderr()[-2000:]}") from None
+            finally:
+                self._remove_runtime_base()
+        self._remove_runtime_base()
+
+    def _remove_runtime_base(self):
+        if self.runtime_base:
+            shutil.rmtree(self.runtime_base, ignore_errors=True)
 
     def cli(self, *args, timeout=60):
         """``gproxy ARGS --config <this config>`` (the installed command's
@@ -344,10 +424,6 @@ class GProxy:
         return subprocess.run([sys.executable, "-m", "gproxy.cli", *args, "--config", self.config_path],
                               env=self.env, cwd=self.workdir, capture_output=True, text=True,
                               timeout=timeout)
-
-    def write_config(self, text):
-        with open(self.config_path, "w") as f:
-            f.write(text.replace("{port}", str(self.port)))
 
     def stdout(self):
         with open(self.stdout_path, "rb") as f:

@@ -17,7 +17,7 @@ from passlib.hash import apr_md5_crypt
 
 from gproxy import config
 from origins import EchoServer, TlsOrigin, ask
-from servers import pattern, raw_request
+from servers import Backend, GProxy, pattern, raw_request
 
 OPEN_LOOPBACK = """  allow_private: ["127.0.0.1/32"]
   connect_ports: ["1025-65535"]
@@ -173,9 +173,10 @@ def test_default_forward_settings_serve_curl_x(gproxy, backends):
 # --- access control --------------------------------------------------------------
 
 def refused(g, request, reason):
+    seen = len(g.access_records(0))
     out = raw_request(g.port, request)
     assert out.startswith(b"HTTP/1.1 403"), out[:300]
-    rec = g.access_records(1)[-1]
+    rec = g.access_records(seen + 1)[-1]
     assert rec["status"] == 403 and rec["error"] == reason, rec
     assert f"forward proxy refused {reason}" in g.stderr()
     return out
@@ -223,11 +224,22 @@ def test_http_port_outside_http_ports_is_refused(gproxy, backends):
     assert b.connections == 0
 
 
+@pytest.fixture(scope="module")
+def private_refusing(tmp_path_factory):
+    """A forward proxy with the default block_private_destinations, a
+    backend and an echo server, shared by the cases of one parametrized test."""
+    b, e = Backend("b1"), EchoServer()
+    g = GProxy(tmp_path_factory.mktemp("gp"), fconf('  connect_ports: ["1025-65535"]\n')).start()
+    yield g, b, e
+    g.stop()
+    b.stop()
+    e.stop()
+
+
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "127.0.0.2", "[::ffff:127.0.0.1]",
                                   "2130706433"])
-def test_private_destination_is_refused_by_default(gproxy, backends, echo, host):
-    b, = backends(1)
-    g = gproxy(fconf('  connect_ports: ["1025-65535"]\n'))
+def test_private_destination_is_refused_by_default(private_refusing, host):
+    g, b, echo = private_refusing
     refused(g, get_via(f"http://{host}:{b.port}/x"), "private_destination")
     refused(g, connect_to(echo.port, host), "private_destination")
     assert b.connections == 0 and echo.accepted == 0
@@ -267,10 +279,18 @@ routes: [{{upstream: web}}]
     assert other.connections == 0 and echo.accepted == 0
 
 
+@pytest.fixture(scope="module")
+def open_forward(tmp_path_factory):
+    """fconf()'s forward proxy, shared by the cases of one parametrized test."""
+    g = GProxy(tmp_path_factory.mktemp("gp"), fconf()).start()
+    yield g
+    g.stop()
+
+
 @pytest.mark.parametrize("target", ["ftp://127.0.0.1/x", "http://user:pw@127.0.0.1:1/x",
                                     "http://bad_host!:80/", "http://127.0.0.1:99999/"])
-def test_malformed_forward_targets_are_400(gproxy, target):
-    g = gproxy(fconf())
+def test_malformed_forward_targets_are_400(open_forward, target):
+    g = open_forward
     out = raw_request(g.port, get_via(target))
     assert out.startswith(b"HTTP/1.1 400"), out[:200]
 
@@ -279,7 +299,11 @@ def test_malformed_forward_targets_are_400(gproxy, target):
 
 @pytest.fixture
 def htpasswd(tmp_path):
-    path = tmp_path / "users.htpasswd"
+    return write_htpasswd(tmp_path)
+
+
+def write_htpasswd(directory):
+    path = directory / "users.htpasswd"
     f = HtpasswdFile(str(path), new=True, default_scheme="bcrypt")
     f.set_password("alice", "wonder land")
     f.save()
@@ -296,10 +320,22 @@ def auth_conf(htpasswd):
     return fconf(OPEN_LOOPBACK + f'  auth: {{htpasswd: "{htpasswd}", realm: "test realm"}}\n')
 
 
+@pytest.fixture(scope="module")
+def auth_proxy(tmp_path_factory):
+    """auth_conf's forward proxy and a backend, shared by the cases of one
+    parametrized test."""
+    b = Backend("b1")
+    d = tmp_path_factory.mktemp("gp")
+    g = GProxy(d, auth_conf(write_htpasswd(d))).start()
+    yield g, b
+    g.stop()
+    b.stop()
+
+
 @pytest.mark.parametrize("creds", [None, ("alice", "wrong"), ("nobody", "x"), ("alice", "")])
-def test_missing_or_wrong_credentials_get_407(gproxy, backends, htpasswd, creds):
-    b, = backends(1)
-    g = gproxy(auth_conf(htpasswd))
+def test_missing_or_wrong_credentials_get_407(auth_proxy, creds):
+    g, b = auth_proxy
+    seen = len(g.access_records(0))
     extra = f"Proxy-Authorization: {basic(*creds)}\r\n" if creds else ""
     out = raw_request(g.port, (f"GET {b.url}/x HTTP/1.1\r\nHost: x\r\n{extra}"
                                "Connection: close\r\n\r\n").encode())
@@ -307,7 +343,7 @@ def test_missing_or_wrong_credentials_get_407(gproxy, backends, htpasswd, creds)
     assert head.startswith(b"HTTP/1.1 407"), out[:300]
     assert b'\r\nProxy-Authenticate: Basic realm="test realm"' in head, head
     assert b.connections == 0
-    assert g.access_records(1)[-1]["status"] == 407
+    assert g.access_records(seen + 1)[-1]["status"] == 407
 
 
 def test_right_credentials_pass_and_are_never_forwarded(gproxy, backends, htpasswd, tls_origin,

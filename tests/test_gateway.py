@@ -172,9 +172,8 @@ def test_buckets_survive_a_hup_and_reset_only_for_the_changed_route(gproxy, back
     g = gproxy(text)
     assert [status(g, "/a/"), status(g, "/a/"), status(g, "/b/"), status(g, "/b/")] == [200, 429, 200, 429]
     old = set(g.worker_pids())
-    with open(g.config_path, "w") as f:        # route b's rate changes, route a's does not
-        f.write(conf(b, route.format(p="a", r="1/m") + "\n" + route.format(p="b", r="2/m"))
-                .replace("{port}", str(g.port)))
+    # route b's rate changes, route a's does not
+    g.write_config(conf(b, route.format(p="a", r="1/m") + "\n" + route.format(p="b", r="2/m")))
     os.kill(g.proc.pid, signal.SIGHUP)
     wait_until(lambda: len(set(g.worker_pids()) - old) == 2 and not (set(g.worker_pids()) & old),
                15, "two new workers, the old ones gone")

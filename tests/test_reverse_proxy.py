@@ -11,10 +11,10 @@ import time
 
 import pytest
 
-from servers import free_port, pattern, raw_request, rss_kib
+from servers import Backend, GProxy, free_port, pattern, raw_request, rss_kib
 
 
-def conf(*backends, workers=2, upstream="", route="", top=""):
+def conf(*backends, workers=1, upstream="", route="", top=""):
     urls = ", ".join(f'"{b.url}"' if hasattr(b, "url") else f'"{b}"' for b in backends)
     return f"""
 listen: ["127.0.0.1:{{port}}"]
@@ -43,18 +43,31 @@ def dead_url():
     return f"http://127.0.0.1:{free_port()}"
 
 
+@pytest.fixture(scope="module")
+def shared_proxy(tmp_path_factory):
+    """One backend (b1) behind one gproxy, for the cases of parametrized tests
+    that only send requests and look at what arrived: started once, not once
+    per case."""
+    b = Backend("b1")
+    g = GProxy(tmp_path_factory.mktemp("gp"), conf(b)).start()
+    yield g, b
+    g.stop()
+    b.stop()
+
+
 # --- transparency -------------------------------------------------------------
 
 @pytest.mark.parametrize("target", [
     "/a%2Fb?x=%2F", "/a%2fb", "/sp%20ace?q=%20", "/semi;colon;p=1?a=1;b=2",
     "//double//slash", "/empty?", "/q?a=1&&b=&c", "/pct%7e%7E", "/star*?*=*",
 ])
-def test_path_and_query_forwarded_byte_exact(gproxy, backends, target):
-    b, = backends(1)
-    g = gproxy(conf(b))
+def test_path_and_query_forwarded_byte_exact(shared_proxy, target):
+    g, b = shared_proxy
+    before = len(b.received)
     out = raw_request(g.port, f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
     assert out.startswith(b"HTTP/1.1 200"), out[:200]
-    assert [r.target for r in b.received] == [target], f"got {b.received[0].target!r}, want {target!r}"
+    got = [r.target for r in b.received[before:]]
+    assert got == [target], f"got {got!r}, want {target!r}"
 
 
 def test_no_library_headers_injected(gproxy, backends):
@@ -101,7 +114,10 @@ def test_hop_by_hop_stripped_both_ways(gproxy, backends):
         return True
 
     b.handler = handler
-    g = gproxy(conf(b))
+    # gunicorn's worker keeps the connection open despite "close" among other
+    # Connection options (RFC 9112 9.6; gproxy's own server worker is to fix
+    # it): the 1 s keep-alive timeout bounds the wait for the close.
+    g = gproxy(conf(b, top="keepalive_timeout: 1s"))
     out = raw_request(g.port, b"GET /hop HTTP/1.1\r\nHost: x\r\nConnection: close, X-Hop, TE\r\n"
                               b"X-Hop: secret\r\nKeep-Alive: 300\r\nProxy-Connection: keep-alive\r\n"
                               b"TE: trailers\r\nUpgrade: foo\r\nX-Kept: yes\r\n\r\n")
@@ -230,9 +246,8 @@ def test_chunked_response_streams_before_backend_finishes(gproxy, backends):
 @pytest.mark.parametrize("method,path,status", [("HEAD", "/bytes/100", 200),
                                                 ("GET", "/status/204", 204),
                                                 ("GET", "/status/304", 304)])
-def test_no_body_responses_keep_the_connection_usable(gproxy, backends, method, path, status):
-    b, = backends(1)
-    g = gproxy(conf(b))
+def test_no_body_responses_keep_the_connection_usable(shared_proxy, method, path, status):
+    g, _ = shared_proxy
     c = http.client.HTTPConnection("127.0.0.1", g.port, timeout=5)
     c.request(method, path)
     r = c.getresponse()

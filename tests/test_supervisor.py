@@ -54,10 +54,7 @@ def start(gproxy, text, aport):
 
 def hup(g):
     """Reload and wait until only new workers serve."""
-    old = set(g.worker_pids())
-    g.proc.send_signal(signal.SIGHUP)
-    wait_for("the new workers alone", lambda: not (set(g.worker_pids()) & old)
-             and len(g.worker_pids()) >= 2, timeout=30)
+    g.hup()
     cover_workers(g, "/warmup", rounds=1)
 
 
@@ -313,7 +310,7 @@ def test_term_stops_the_supervisor_and_removes_the_runtime_dir(gproxy, backends)
     g = start(gproxy, conf(b1, admin_port=aport), aport)
     sup = wait_for("the supervisor", lambda: supervisor_pid(g))
     rdir = wait_for("the admin endpoint", lambda: backend_state(aport, name(b1)) and admin(aport)[1])["runtime_dir"]
-    g.stop()
+    g.stop(graceful=True)
     assert g.proc.returncode == 0
     assert not alive(sup)
     assert not os.path.exists(rdir)
@@ -326,16 +323,9 @@ class ScriptGProxy(GProxy):
     gunicorn/__main__.py as a script, whose directory then shadows the
     stdlib ``http`` package in the new arbiter."""
 
-    def start(self, timeout=15):
-        real = self.proc
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(os.path.dirname(sys.executable), "gunicorn"),
-             "-c", os.path.join(REPO, "gunicorn.conf.py"), "gproxy.wsgi"],
-            cwd=self.workdir, env=self.env,
-            stdout=open(self.stdout_path, "wb"), stderr=open(self.stderr_path, "wb"))
-        assert real is None
-        wait_for("the workers", lambda: len(self.worker_pids()) >= 2, timeout=timeout)
-        return self
+    def command(self):
+        return [sys.executable, os.path.join(os.path.dirname(sys.executable), "gunicorn"),
+                "-c", self.conf, "gproxy.wsgi"]
 
 
 def test_usr2_generations_keep_separate_state(tmp_path, backends):
@@ -461,7 +451,7 @@ def test_admin_refuses_non_loopback_clients_unless_allowed(gproxy, backends):
     with open(g.config_path, "w") as f:
         f.write(conf(b1, admin_port=aport, top=f'admin: {{listen: "127.0.0.1:{aport}", allow: ["{ip}/32"]}}')
                 .replace(f'admin: {{listen: "127.0.0.1:{aport}"}}\n', "", 1).replace("{port}", str(g.port)))
-    g.proc.send_signal(signal.SIGHUP)
+    g.hup()
     wait_for("the allowed client admitted", lambda: _status_or_none(aport, ip) == 200, timeout=10)
 
 
