@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from . import errors
+from . import errors, netaddr
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Destination:
 
     @property
     def name(self):
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return netaddr.join(self.host, self.port)
 
 
 class Refusal(Exception):
@@ -110,20 +110,14 @@ def parse_absolute(raw_uri):
 
 # --- the checks ---------------------------------------------------------------
 
-def _in(ip, networks):
-    return any(ip.version == n.version and ip in n for n in networks)
-
-
 def port_allowed(port, ranges):
     return any(lo <= port <= hi for lo, hi in ranges)
 
 
 def check_client(addr, allow_clients):
-    try:
-        ip = ipaddress.ip_address(addr)
-    except ValueError:
-        raise Refusal("client_denied", f"client {addr!r} is not an IP address") from None
-    if not _in(_unmapped(ip), allow_clients):
+    if netaddr.address(addr) is None:
+        raise Refusal("client_denied", f"client {addr!r} is not an IP address")
+    if not allow_clients.match(addr):
         raise Refusal("client_denied", f"client {addr} is not in allow_clients")
 
 
@@ -151,11 +145,6 @@ def via_loop(via_values, via_name):
     return False
 
 
-def _unmapped(ip):
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return mapped if mapped is not None else ip
-
-
 # Checked in this order; the first match names the refusal.
 PRIVATE_KINDS = (
     ("unspecified", lambda ip: ip.is_unspecified),
@@ -169,7 +158,7 @@ PRIVATE_KINDS = (
 
 def private_kind(ip):
     """The kind of non-public address ``ip`` is, or None for a public one."""
-    ip = _unmapped(ip)
+    ip = netaddr.unmapped(ip)
     for kind, test in PRIVATE_KINDS:
         if test(ip):
             return kind
@@ -184,7 +173,7 @@ def check_addresses(dest, addresses, cfg):
         return
     for ip in addresses:
         kind = private_kind(ip)
-        if kind is not None and not _in(_unmapped(ip), cfg.allow_private):
+        if kind is not None and not cfg.allow_private.match(ip):
             raise Refusal("private_destination",
                           f"{dest.host} resolves to {kind} address {ip}")
 
@@ -193,7 +182,7 @@ def check_not_self(addresses, port, own):
     """``own``: (ip or None for a wildcard listener, port) of this proxy's
     listening sockets and of the connection the request came in on."""
     for ip in addresses:
-        ip = _unmapped(ip)
+        ip = netaddr.unmapped(ip)
         for own_ip, own_port in own:
             if port == own_port and (ip == own_ip or (own_ip is None and ip.is_loopback)):
                 raise Refusal("loop", f"{ip}:{port} is this proxy")

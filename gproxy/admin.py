@@ -13,15 +13,15 @@ per request; the supervisor is not a gevent process).
 with a message; a client outside loopback and ``admin.allow`` gets 403.
 """
 
-import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
-from . import __version__
+from . import __version__, netaddr
 
 log = logging.getLogger("gproxy.error")
 
@@ -30,13 +30,8 @@ ACTIONS = {"drain": True, "enable": False}      # action -> drained
 
 def client_allowed(addr, allow):
     """Loopback always; others only inside one of the ``allow`` networks."""
-    try:
-        ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback or any(ip in net for net in allow)
+    ip = netaddr.address(addr)
+    return ip is not None and (ip.is_loopback or allow.match(ip))
 
 
 class AdminServer(ThreadingHTTPServer):
@@ -44,14 +39,12 @@ class AdminServer(ThreadingHTTPServer):
     allow_reuse_address = True      # a restarted supervisor rebinds at once
 
     def __init__(self, admin_cfg, supervisor):
-        host, _, port = admin_cfg.listen.rpartition(":")
-        host = host.strip("[]")
+        host, port = netaddr.split(admin_cfg.listen)
         if ":" in host:
-            import socket
             self.address_family = socket.AF_INET6
         self.supervisor = supervisor
         self.allow = admin_cfg.allow
-        super().__init__((host, int(port)), AdminHandler)
+        super().__init__((host, port), AdminHandler)
 
     def start(self):
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2},

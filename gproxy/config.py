@@ -14,7 +14,7 @@ the built-in default (``DEFAULT_YAML``). This is the only module that imports
 ``yaml``.
 """
 
-import ipaddress
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from . import netaddr
 from .errors import ConfigError
 
 try:
@@ -60,10 +61,6 @@ class Backend:
     port: int
     weight: int = 1     # nginx default
     name: str = ""      # "host:port", used in logs, metrics and hashing
-
-    @property
-    def hostport(self):
-        return self.name
 
 
 @dataclass(frozen=True)
@@ -118,7 +115,7 @@ class HealthCheck:
 @dataclass(frozen=True)
 class Admin:
     listen: str = "127.0.0.1:9901"  # Envoy's admin port; loopback only
-    allow: tuple = ()               # client CIDRs besides loopback (default: loopback only)
+    allow: tuple = netaddr.Networks()   # client CIDRs besides loopback (default: loopback only)
 
 
 @dataclass(frozen=True)
@@ -218,13 +215,13 @@ class ForwardProxy:
     """Absolute-form requests and CONNECT. Off unless configured: an open
     proxy is never the default (Squid: ``http_access deny all``)."""
     enabled: bool = False
-    allow_clients: tuple = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    allow_clients: tuple = netaddr.Networks(("127.0.0.0/8", "::1/128"))
     allow_hosts: tuple = ()             # globs; empty = any host
     deny_hosts: tuple = ()              # globs, checked first
     connect_ports: tuple = ((443, 443),)        # Squid SSL_ports
     http_ports: tuple = SQUID_SAFE_PORTS
     block_private_destinations: bool = True
-    allow_private: tuple = ()           # CIDRs opened despite block_private_destinations
+    allow_private: tuple = netaddr.Networks()   # CIDRs opened despite block_private_destinations
     auth: ForwardAuth | None = None
     via: bool = True                    # Squid "via on"; also loop protection
     via_name: str | None = None         # received-by in Via; default hostname:port
@@ -282,7 +279,7 @@ class Config:
     worker_class: str = "gproxy"            # gproxy's own HTTP/1.1 server (worker.py)
     keepalive_timeout: float = 75.0         # nginx keepalive_timeout
     graceful_timeout: float = 30.0          # gunicorn default
-    trusted_proxies: tuple = ()             # believe no X-Forwarded-* by default
+    trusted_proxies: tuple = netaddr.Networks()     # believe no X-Forwarded-* by default
     limits: Limits = field(default_factory=Limits)
     access_log: AccessLog = field(default_factory=AccessLog)
     error_log: ErrorLog = field(default_factory=ErrorLog)
@@ -398,6 +395,10 @@ def _parse_yaml(text, source):
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+# nginx's limit for time values (2^31-1 ms, 24.8 days). It also keeps every
+# duration inside what socket timeouts, gevent timers and gunicorn's int
+# settings accept: .inf or 1e300 seconds would fail there, after the check.
+MAX_DURATION = 2147483.647
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KB|MB|GB|K|M|G)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2,
                "g": 1024**3, "gb": 1024**3}
@@ -413,8 +414,10 @@ def duration(doc, value, path):
         if not m:
             doc.fail(path, f"expected a duration like 250ms or 10s, got {value!r}")
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-    if seconds < 0:
-        doc.fail(path, "must not be negative")
+    if math.isnan(seconds) or seconds < 0:
+        doc.fail(path, f"must be a duration of 0 or more, got {value!r}")
+    if seconds > MAX_DURATION:
+        doc.fail(path, f"must be at most 24 days ({MAX_DURATION}s), got {value!r}")
     return seconds
 
 
@@ -479,9 +482,10 @@ def listen_address(doc, value, path):
     value = string(doc, value, path)
     if value.startswith("unix:"):
         return value
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        doc.fail(path, f"expected host:port, got {value!r}")
+    try:
+        netaddr.split(value)
+    except ValueError as e:
+        doc.fail(path, f"expected host:port, got {value!r}: {e}")
     return value
 
 
@@ -494,9 +498,14 @@ def tcp_address(doc, value, path):
 
 def cidr(doc, value, path):
     try:
-        return ipaddress.ip_network(string(doc, value, path), strict=False)
+        return netaddr.network(string(doc, value, path))
     except ValueError:
         doc.fail(path, f"not an IP address or CIDR block: {value!r}")
+
+
+def networks(doc, value, path):
+    """A list of CIDR blocks, matched by ``netaddr.Networks.match``."""
+    return netaddr.Networks(list_of(cidr)(doc, value, path))
 
 
 def optional(parse):
@@ -555,7 +564,7 @@ def backend(doc, value, path):
         doc.fail(url_path, f"a backend URL is scheme://host:port only, got {url!r}")
     weight = integer(1, 1000)(doc, raw["weight"], f"{path}.weight") if "weight" in raw else 1
     host = parts.hostname
-    hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    hostport = netaddr.join(host, port)
     return Backend(url=f"{parts.scheme}://{hostport}", scheme=parts.scheme, host=host,
                    port=port, weight=weight, name=hostport)
 
@@ -774,10 +783,10 @@ def forward_proxy(doc, value, path):
         return ForwardAuth(**kw)
 
     spec = {
-        "enabled": boolean, "allow_clients": list_of(cidr), "allow_hosts": list_of(host_glob),
+        "enabled": boolean, "allow_clients": networks, "allow_hosts": list_of(host_glob),
         "deny_hosts": list_of(host_glob), "connect_ports": list_of(port_range),
         "http_ports": list_of(port_range), "block_private_destinations": boolean,
-        "allow_private": list_of(cidr), "auth": auth, "via": boolean, "via_name": optional(string),
+        "allow_private": networks, "auth": auth, "via": boolean, "via_name": optional(string),
         "x_forwarded_for": boolean, "max_body": optional(size),
         "timeouts": lambda d, v, p: Timeouts(**fields(d, v, p, {
             "connect": duration, "response_header": duration, "idle": duration,
@@ -809,7 +818,7 @@ TOP = {
     "worker_class": one_of(WORKER_CLASSES),
     "keepalive_timeout": duration,
     "graceful_timeout": duration,
-    "trusted_proxies": list_of(cidr),
+    "trusted_proxies": networks,
     "limits": lambda d, v, p: Limits(**fields(d, v, p, {
         "request_line": bounded_size(256, 1 << 20), "header_block": bounded_size(1024, 1 << 24),
         "header_fields": integer(1, 10000), "header_timeout": positive_duration,
@@ -824,7 +833,7 @@ TOP = {
         "enabled": boolean, "host": string, "port": integer(1, 65535), "prefix": metric_prefix,
         "max_udp_size": integer(64, 65507), "gunicorn": boolean})),
     "admin": lambda d, v, p: Admin(**fields(d, v, p, {
-        "listen": tcp_address, "allow": list_of(cidr)})),
+        "listen": tcp_address, "allow": networks})),
     "supervisor": lambda d, v, p: Supervisor(**fields(d, v, p, {"stale_after": duration})),
     "runtime_dir": string,
     "rate_limit_store": lambda d, v, p: rate_limit_store(d, v, p),
@@ -838,6 +847,10 @@ TOP = {
 def parse(text, source="<string>"):
     """Parse YAML text into a Config, or raise ConfigError."""
     doc, raw = _parse_yaml(text, source)
+    if raw is None or raw == {}:
+        # An empty file is a mistake (a truncated deploy, the wrong path),
+        # never a wish for a proxy that answers 404 to everything.
+        raise ConfigError(f"{source}: no settings: the file is empty or holds only comments")
     allowed = set(TOP) | {"upstreams", "routes"}
     raw = section(doc, raw, "", allowed)
     kw = {k: TOP[k](doc, v, k) for k, v in raw.items() if k in TOP}

@@ -20,6 +20,8 @@ import json
 import os
 import time
 
+from . import netaddr
+
 
 class ControlError(Exception):
     """What the command prints before exiting 1."""
@@ -27,9 +29,12 @@ class ControlError(Exception):
 
 def admin_request(address, method, path, timeout=10):
     """(status, decoded JSON or text) from the admin endpoint at ``host:port``."""
-    host, _, port = address.rpartition(":")
     try:
-        c = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout)
+        host, port = netaddr.split(address)
+    except ValueError as e:
+        raise ControlError(f"admin address {address!r}: {e}") from None
+    try:
+        c = http.client.HTTPConnection(host, port, timeout=timeout)
         c.request(method, path)
         r = c.getresponse()
         body = r.read()

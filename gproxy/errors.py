@@ -22,10 +22,9 @@ class ProxyError(Exception):
     # Extra response header fields of the error answer, e.g. a challenge.
     headers = ()
 
-    def __init__(self, detail="", *, elapsed=None, headers=None):
+    def __init__(self, detail="", *, headers=None):
         super().__init__(detail or self.body)
         self.detail = detail
-        self.elapsed = elapsed
         if headers:
             self.headers = headers
 

@@ -16,7 +16,7 @@ import ipaddress
 import logging
 import socket
 
-from . import acl, config as C, errors, exchange, headers as H, tunnel
+from . import acl, config as C, errors, exchange, headers as H, netaddr, tunnel
 from .transport import Transport
 
 log = logging.getLogger("gproxy.error")
@@ -116,7 +116,7 @@ class ForwardProxy:
         own = list(self.listeners)
         try:
             ip, port = request.local_address()[:2]
-            own.append((ipaddress.ip_address(ip.split("%", 1)[0]), port))
+            own.append((netaddr.unmapped(ipaddress.ip_address(ip.split("%", 1)[0])), port))
         except (OSError, ValueError, TypeError):
             pass    # not a TCP socket (unix:): the listeners are all we know
         return own
@@ -195,7 +195,7 @@ def resolve(dest):
 
 def _backend(ip, dest):
     host = str(ip)
-    hostport = f"[{host}]:{dest.port}" if ip.version == 6 else f"{host}:{dest.port}"
+    hostport = netaddr.join(host, dest.port)
     return C.Backend(url=f"http://{hostport}", scheme="http", host=host, port=dest.port,
                      name=hostport)
 
@@ -210,11 +210,7 @@ def _listeners(listen):
     for addr in listen:
         if addr.startswith("unix:"):
             continue
-        host, _, port = addr.rpartition(":")
-        host = host.strip("[]")
-        try:
-            ip = ipaddress.ip_address(host)
-            out.append((None if ip.is_unspecified else ip, int(port)))
-        except ValueError:
-            out.append((None, int(port)))
+        host, port = netaddr.split(addr)
+        ip = netaddr.address(host)
+        out.append((None if ip is None or ip.is_unspecified else ip, port))
     return out

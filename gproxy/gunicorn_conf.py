@@ -12,8 +12,11 @@ the hooks below forget it once read (``lifecycle.forget_settings``), so the
 next HUP executes it again and picks up the edited YAML file.
 """
 
+import math as _math
+
 from gproxy import lifecycle as _lifecycle
 from gproxy import logs as _logs
+from gproxy import netaddr as _netaddr
 
 # A bad file exits at start; on HUP it keeps the last good config (logged).
 _cfg = _lifecycle.load_config()
@@ -24,8 +27,10 @@ workers = _cfg.workers
 # gevent worker); imported here only by name.
 worker_class = "gproxy.worker.Worker"
 worker_connections = _cfg.worker_connections
-keepalive = int(_cfg.keepalive_timeout)
-graceful_timeout = int(_cfg.graceful_timeout)
+# gunicorn takes whole seconds only (an int validator): round up, so that
+# 500ms stays keep-alive on (1 s) instead of truncating to 0, which is off.
+keepalive = _math.ceil(_cfg.keepalive_timeout)
+graceful_timeout = _math.ceil(_cfg.graceful_timeout)
 timeout = 30                    # worker heartbeat (a blocked hub is killed)
 preload_app = False
 proc_name = "gproxy"
@@ -41,8 +46,7 @@ loglevel = _cfg.error_log.level
 # <prefix>.gunicorn.*, a branch gproxy's names never use.
 _gunicorn_statsd = _cfg.statsd.enabled and _cfg.statsd.gunicorn
 if _gunicorn_statsd:
-    _h = _cfg.statsd.host
-    statsd_host = f"[{_h}]:{_cfg.statsd.port}" if ":" in _h else f"{_h}:{_cfg.statsd.port}"
+    statsd_host = _netaddr.join(_cfg.statsd.host, _cfg.statsd.port)
     statsd_prefix = _cfg.statsd.prefix
 logger_class = _logs.gunicorn_logger_class(_cfg.error_log, _gunicorn_statsd)
 pidfile = _cfg.pidfile          # what gproxy reload / reopen-logs signal (gunicorn renames it on USR2)

@@ -251,7 +251,6 @@ class FailureReporter:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setblocking(False)
-        self.dropped = 0
         self.warned = False
 
     def report(self, upstream, backend, kind):
@@ -259,9 +258,8 @@ class FailureReporter:
         try:
             self.sock.sendto(msg, self.path)
         except BlockingIOError:
-            self.dropped += 1               # the supervisor is behind: drop, never wait
+            pass                            # the supervisor is behind: drop, never wait
         except OSError as e:                # not running (ENOENT, ECONNREFUSED) or worse
-            self.dropped += 1
             if not self.warned:
                 self.warned = True
                 log.warning("failure report to %s dropped (%s); ejection stays local to this "

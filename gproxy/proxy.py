@@ -11,7 +11,6 @@ environ stops here: the forward and upgrade handlers beside this one, and
 everything below, take the ``downstream.Request``.
 """
 
-import ipaddress
 import time
 from random import getrandbits
 
@@ -103,8 +102,7 @@ class ProxyApp:
         self.config = config
         self.router = Router(config.routes)
         self.upstreams = {name: UpstreamState(u, shared) for name, u in config.upstreams.items()}
-        self.trusted = tuple(config.trusted_proxies)
-        self._trust_cache = {}
+        self.trusted = config.trusted_proxies
         self.stats = stats.Stats(config.statsd)
         self.recorder = exchange.Recorder(config.access_log, self.stats)
         self.forward_proxy = _forward.ForwardProxy(self.recorder, config)
@@ -202,18 +200,7 @@ class ProxyApp:
     # -- helpers ---------------------------------------------------------------
 
     def is_trusted(self, addr):
-        if not self.trusted:
-            return False
-        hit = self._trust_cache.get(addr)
-        if hit is None:
-            try:
-                ip = ipaddress.ip_address(addr)
-                hit = any(ip in net for net in self.trusted)
-            except ValueError:
-                hit = False
-            if len(self._trust_cache) < 10000:
-                self._trust_cache[addr] = hit
-        return hit
+        return self.trusted.match(addr)
 
     def hash_key(self, environ, ex, up):
         hk = up.cfg.hash_key

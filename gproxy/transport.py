@@ -32,7 +32,7 @@ import requests
 from requests.adapters import BaseAdapter
 from requests.structures import CaseInsensitiveDict
 
-from . import errors, h1
+from . import errors, h1, netaddr
 
 CHUNK = 65536   # 64 KiB reads: large enough for 1+ GiB/s on loopback
 
@@ -292,7 +292,7 @@ def backend_of(url):
     parts = urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     host = parts.hostname
-    name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    name = netaddr.join(host, port)
     return Backend(url=f"{parts.scheme}://{name}", scheme=parts.scheme, host=parts.hostname,
                    port=port, name=name)
 
