@@ -163,7 +163,8 @@ def test_default_forward_settings_serve_curl_x(gproxy, backends):
     """The built-in default's forward_proxy section, on a test port, plus
     the allow-list that opens this loopback origin."""
     b, = backends(1)
-    text = config.DEFAULT_YAML.replace('"127.0.0.1:8080"', '"127.0.0.1:{port}"')
+    text = config.DEFAULT_YAML.replace("${GPROXY_LISTEN:-127.0.0.1:8080}", "127.0.0.1:{port}")
+    assert "{port}" in text, "the built-in default's listen line changed"
     text += '  allow_private: ["127.0.0.1/32"]\n'
     g = gproxy(text)
     r = curl("-x", g.url, f"{b.url}/hello")
