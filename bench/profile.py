@@ -26,6 +26,7 @@ import run as bench  # noqa: E402
 # (category, substrings of "function (file)" frames), tried in this order
 # on each frame from the innermost outwards.
 CATEGORIES = [
+    ("live figures, attempt list", ("counters.py", "observe.py")),
     ("logging", ("accesslog.py", "/logging/", "Exchange.record", "Recorder.record")),
     ("metrics", ("stats.py", "/statsd/")),
     ("routing", ("router.py", "classify_and_route")),

@@ -227,7 +227,7 @@ listen: ["127.0.0.1:{port}"]
 workers: 2
 worker_connections: 10000
 keepalive_timeout: 75s
-access_log: {{format: "off"}}
+access_log: {access_log}
 {extra}
 upstreams:
   backend:
@@ -320,10 +320,11 @@ class GProxy(Server):
     name = "gproxy"
     extra = ""          # more top-level YAML for a variant
     repo = REPO         # the checkout to run
+    access_log = '{format: "off"}'
 
     def command(self):
         self.config = self.write("gproxy.yaml", GPROXY_YAML.format(
-            port=self.port, backend=self.backend, extra=self.extra))
+            port=self.port, backend=self.backend, extra=self.extra, access_log=self.access_log))
         return [sys.executable, "-m", "gunicorn", "-c", os.path.join(self.repo, "gunicorn.conf.py"),
                 "gproxy.wsgi"]
 
@@ -342,7 +343,56 @@ class GProxyBase(GProxy):
     name = "gproxy-base"
 
 
-SERVERS = {c.name: c for c in (GProxy, GProxyBase, Nginx, HAProxy)}
+class GProxyBare(GProxy):
+    """Every observability output off: no StatsD, no access log, no live
+    figures (the baseline of the cost of observing)."""
+    name = "gproxy-bare"
+    extra = "live_stats: {enabled: false}"
+
+
+class GProxyObserved(GProxy):
+    """StatsD (to a UDP sink in this process), the live figures with
+    /metrics, and the JSON access log to a file."""
+    name = "gproxy-observed"
+
+    def command(self):
+        self.extra = f"statsd: {{host: 127.0.0.1, port: {statsd_sink()}}}\nlive_stats: {{prometheus: true}}"
+        self.access_log = f'{{format: json, path: "{os.path.join(self.dir, "access.log")}"}}'
+        return super().command()
+
+
+class GProxyObservedLocal(GProxyObserved):
+    """The same with ``max_udp_size: 8192``, for a StatsD daemon on the same
+    host (loopback's MTU is 65536; DogStatsD reads 8 KiB datagrams)."""
+    name = "gproxy-observed-8k"
+
+    def command(self):
+        cmd = super().command()
+        self.config = self.write("gproxy.yaml", GPROXY_YAML.format(
+            port=self.port, backend=self.backend, access_log=self.access_log,
+            extra=self.extra.replace("}", ", max_udp_size: 8192}", 1)))
+        return cmd
+
+
+_SINK = []
+
+
+def statsd_sink():
+    """A UDP port whose datagrams are read and dropped (a StatsD daemon's
+    socket costs the proxy the same)."""
+    if not _SINK:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+
+        def drain():
+            while True:
+                sock.recv(65536)
+        threading.Thread(target=drain, daemon=True, name="statsd_sink").start()
+        _SINK.append(sock.getsockname()[1])
+    return _SINK[0]
+
+
+SERVERS = {c.name: c for c in (GProxy, GProxyBase, GProxyBare, GProxyObserved, GProxyObservedLocal, Nginx, HAProxy)}
 
 
 # --- the load -----------------------------------------------------------------------

@@ -3,6 +3,15 @@
 An adapter: it owns the log streams (stdout by default, or a file that
 logrotate may move: ``WatchedFileHandler`` reopens it). Sensitive header
 values are never written: the record holds only the fields below.
+
+Rule 1: a line goes straight to the handler's stream, not through
+        ``Logger.info``: the LogRecord, the handler lock (a Python-level
+        lock once gevent has patched threading) and the WatchedFileHandler's
+        stat() per line cost about 35 us of a request's 300; the file is
+        checked for a move once a second instead, and gunicorn's USR1
+        reopen still finds the handler on the ``gproxy.access`` logger.
+Rule 2: JSON is encoded by orjson (under 1 us a record, against 15 us for
+        ``json.dumps``).
 """
 
 import json
@@ -10,6 +19,8 @@ import logging
 import logging.handlers
 import sys
 import time
+
+import orjson
 
 ACCESS = logging.getLogger("gproxy.access")
 ERROR = logging.getLogger("gproxy.error")
@@ -26,8 +37,14 @@ def _handler(path, stream):
     return h
 
 
+_out = None             # the handler access() writes to
+_check_at = 0.0         # monotonic time of the next look for a moved file
+CHECK_EVERY = 1.0       # seconds between those looks
+
+
 def setup(access_cfg):
     """Configure the access log (called once per worker, after fork)."""
+    global _out
     for logger in (ACCESS,):
         for h in list(logger.handlers):
             logger.removeHandler(h)
@@ -37,7 +54,10 @@ def setup(access_cfg):
         ACCESS.disabled = True
         return None
     ACCESS.disabled = False
-    ACCESS.addHandler(_handler(access_cfg.path, sys.stdout))
+    _out = _handler(access_cfg.path, sys.stdout)
+    ACCESS.addHandler(_out)
+    if access_cfg.format == "fields":
+        return fields_format(access_cfg.fields)
     return FORMATS[access_cfg.format]
 
 
@@ -52,7 +72,10 @@ def _clf_time(t):
 
 
 def format_json(r):
-    return json.dumps(r, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return orjson.dumps(r).decode()
+    except orjson.JSONEncodeError:      # a lone surrogate: json writes it escaped
+        return json.dumps(r, separators=(",", ":"), ensure_ascii=False)
 
 
 def format_combined(r):
@@ -66,7 +89,50 @@ def format_combined(r):
             + (f' error={r["error"]}' if r["error"] else "")
             + (f' consumer={_q(r["consumer"])}' if r.get("consumer") else "")
             + (f' reason={r["reason"]}' if r.get("reason") else "")
-            + (f' cache={r["cache_status"]}' if r.get("cache_status") else ""))
+            + (f' cache={r["cache_status"]}' if r.get("cache_status") else "")
+            + (f' upstreams={_attempts(r)}' if r.get("attempts") and len(r["attempts"]) > 1 else ""))
+
+
+def _attempts(r):
+    """Every attempt as backend:status-or-error:seconds, comma-separated."""
+    return ",".join(f'{a["backend"]}:{a["status"] or a["error"]}:{a["time"]:.3f}' for a in r["attempts"])
+
+
+def _each(fmt):
+    """An nginx-style per-attempt list ("a, b"), "-" without attempts."""
+    def value(r):
+        return ", ".join(fmt(a) for a in r.get("attempts") or ()) or "-"
+    return value
+
+
+# access_log.fields: each name's value in a record (config.ACCESS_LOG_FIELDS).
+FIELD_VALUES = {
+    "time_iso8601": lambda r: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(r["time"])),
+    "time_local": lambda r: f"[{_clf_time(r['time'])}]",
+    "request": lambda r: f"{r['method']} {r['target']} {r['protocol']}",
+    "duration": lambda r: f"{r['duration']:.3f}",
+    "upstream_time": lambda r: "-" if r["upstream_time"] is None else f"{r['upstream_time']:.3f}",
+    "upstream_addr": _each(lambda a: a["backend"]),
+    "upstream_status": _each(lambda a: str(a["status"] or a["error"])),
+    "upstream_response_time": _each(lambda a: f"{a['time']:.3f}"),
+}
+
+
+def fields_format(names):
+    """A formatter writing ``names`` in order, space-separated; a value with a
+    space or a quote is quoted (as nginx's "$request"), an empty one is "-"."""
+    getters = [FIELD_VALUES.get(n) or (lambda r, n=n: r[n]) for n in names]
+
+    def format_fields(r):
+        out = []
+        for get in getters:
+            v = get(r)
+            v = "-" if v is None or v == "" else str(v)
+            if " " in v or '"' in v:
+                v = '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            out.append(v)
+        return " ".join(out)
+    return format_fields
 
 
 def _q(v):
@@ -77,4 +143,18 @@ FORMATS = {"json": format_json, "combined": format_combined}
 
 
 def access(line):
-    ACCESS.info(line)
+    """Write one line (Rule 1)."""
+    global _check_at
+    h = _out
+    if h is None or ACCESS.disabled:
+        return
+    if isinstance(h, logging.handlers.WatchedFileHandler):
+        now = time.monotonic()
+        if now >= _check_at:
+            _check_at = now + CHECK_EVERY
+            h.reopenIfNeeded()
+    try:
+        h.stream.write(line + "\n")
+        h.stream.flush()
+    except ValueError:      # closed by a USR1 reopen that ran between the two
+        h.emit(logging.makeLogRecord({"msg": line}))

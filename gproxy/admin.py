@@ -1,7 +1,9 @@
 """The admin endpoint, served by the supervisor (plain stdlib HTTP, a thread
 per request; the supervisor is not a gevent process).
 
-    GET  /status                                     JSON: config, upstreams, backends
+    GET  /status                                     JSON: config, upstreams, backends, traffic
+    GET  /metrics                                    Prometheus text format (live_stats.prometheus)
+    GET  /dump                                       JSON: each worker's requests and greenlet stacks
     GET  /healthz                                    200 "ok" while the table is being published
     POST /upstreams/<upstream>/backends/<backend>/drain    no new requests from any worker
     POST /upstreams/<upstream>/backends/<backend>/enable   back in rotation
@@ -15,13 +17,14 @@ with a message; a client outside loopback and ``admin.allow`` gets 403.
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
-from . import __version__, netaddr
+from . import __version__, counters, livereport, netaddr
 
 log = logging.getLogger("gproxy.error")
 
@@ -69,6 +72,12 @@ class AdminHandler(BaseHTTPRequestHandler):
             self.reply(200, status(self.server.supervisor))
         elif path == "/healthz":
             self.healthz()
+        elif path == "/metrics" and self.server.supervisor.cfg.live_stats.enabled \
+                and self.server.supervisor.cfg.live_stats.prometheus:
+            body, ctype = livereport.exposition(self.server.supervisor)
+            self.reply(200, body, ctype=ctype)
+        elif path == "/dump":
+            self.reply(200, dump(self.server.supervisor.runtime_dir))
         elif self.action(path) is not None:
             self.reply(405, {"error": "use POST for actions"}, [("Allow", "POST")])
         else:
@@ -141,13 +150,15 @@ class AdminHandler(BaseHTTPRequestHandler):
         if 0 < n <= 65536:
             self.rfile.read(n)
 
-    def reply(self, code, body, extra=()):
-        if isinstance(body, str):
-            data, ctype = body.encode(), "text/plain; charset=utf-8"
+    def reply(self, code, body, extra=(), ctype=None):
+        if isinstance(body, bytes):
+            data = body
+        elif isinstance(body, str):
+            data, ctype = body.encode(), ctype or "text/plain; charset=utf-8"
         else:
-            data, ctype = (json.dumps(body, indent=2) + "\n").encode(), "application/json"
+            data = (json.dumps(body, indent=2) + "\n").encode()
         self.send_response(code)
-        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Type", ctype or "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Cache-Control", "no-store")
         for k, v in extra:
@@ -200,7 +211,51 @@ def status(sup):
             "runtime_dir": sup.runtime_dir,
             "table": {"path": sup.table.path, "version": sup.table.version, "sequence": sup.table.seq},
             "upstreams": ups,
+            "traffic": live_traffic(sup),
         }
+
+
+def live_traffic(sup):
+    """The workers' summed figures (None with live_stats off)."""
+    if not sup.cfg.live_stats.enabled:
+        return None
+    sums, window, workers = sup.live.snapshot()
+    return livereport.traffic(sup.cfg, sums, window, workers, sup.cfg.live_stats.window)
+
+
+DUMP_TIMEOUT = 5.0      # a worker whose hub is blocked this long is itself the answer
+
+
+def dump(runtime_dir):
+    """Ask every worker's dump socket; a worker that does not answer is listed
+    with the reason (a blocked event loop shows up that way)."""
+    out = []
+    try:
+        names = sorted(os.listdir(runtime_dir))
+    except OSError as e:
+        return {"error": f"runtime directory {runtime_dir}: {e.strerror}", "workers": []}
+    for name in names:
+        if not (name.startswith(counters.DUMP_PREFIX) and name.endswith(counters.DUMP_SUFFIX)):
+            continue
+        pid = name[len(counters.DUMP_PREFIX):-len(counters.DUMP_SUFFIX)]
+        try:
+            out.append(json.loads(_ask(os.path.join(runtime_dir, name))))
+        except (OSError, ValueError) as e:
+            out.append({"pid": int(pid) if pid.isdigit() else pid,
+                        "error": f"no answer: {getattr(e, 'strerror', None) or e}"})
+    return {"workers": out}
+
+
+def _ask(path):
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(DUMP_TIMEOUT)
+        s.connect(path)
+        chunks = []
+        while True:
+            data = s.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
 
 
 def backend_status(sup, upstream, backend, now):

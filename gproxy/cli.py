@@ -3,7 +3,9 @@
 checked by ``control``): ``status`` prints the supervisor's view of every
 backend, ``reload`` HUPs and waits for the result, ``drain``/``enable`` a
 backend, ``reopen-logs`` after a rotation, ``drain-instance`` before a stop;
-``gproxy hash-key`` prints what an API-key file holds for a key."""
+``status --watch`` refreshes the live traffic table like HAProxy's stats
+page, ``dump`` prints what each worker is doing; ``gproxy hash-key`` prints
+what an API-key file holds for a key."""
 
 import argparse
 import getpass
@@ -13,6 +15,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from urllib.parse import quote
 
 from . import __version__, config, control
@@ -108,10 +111,20 @@ def operator_command(fn):
 @operator_command
 def status(args):
     _, cfg_file, address, pidfile = target(args)
-    st = instance(args, cfg_file, address, pidfile)
-    if args.json:
-        print(json.dumps(st, indent=2))
-        return 0
+    while True:
+        st = instance(args, cfg_file, address, pidfile)
+        if args.json:
+            print(json.dumps(st, indent=2))
+            return 0
+        if args.watch:
+            print("\033[H\033[2J", end="")    # clear the terminal, as watch(1)
+        print_status(st)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def print_status(st):
     print(f"gproxy {st['version']}  supervisor pid {st['pid']}  arbiter pid {st['arbiter_pid']}  "
           f"started {st['started']}")
     print(f"config {st['config']['file']}  sha256 {st['config']['sha256'][:16]}"
@@ -119,11 +132,70 @@ def status(args):
     if st.get("instance", {}).get("draining"):
         left = st["instance"]["stop_in_s"]
         print("instance DRAINING" + (f" (stop in {left:.1f}s)" if left is not None else ""))
-    rows = [STATUS_COLUMNS] + status_rows(st)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(STATUS_COLUMNS) - 1)]
     print()
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1])
+    print("\n".join(_table(STATUS_COLUMNS, status_rows(st))))
+    tr = st.get("traffic")
+    if tr:
+        srv = tr["server"]
+        print(f"\ntraffic (percentiles over the last {tr['window_s']:g}s; {len(tr['workers'])} workers, "
+              f"{srv['requests_active']} requests and {srv['tunnels_active']} tunnels active)")
+        print("\n".join(_table(TRAFFIC_COLUMNS, traffic_rows(tr))))
+
+
+TRAFFIC_COLUMNS = ("UPSTREAM", "BACKEND", "ACT", "REQ", "2xx", "3xx", "4xx", "5xx", "ERRORS",
+                   "IN", "OUT", "P50", "P90", "P99")
+
+
+def _size(n):
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+
+
+def _ms(v):
+    return "-" if v is None else f"{v:.1f}ms"
+
+
+def traffic_rows(tr):
+    rows = []
+    for uname, up in tr["upstreams"].items():
+        for b in up["backends"]:
+            r = b["requests"]
+            rows.append((uname, b["name"], str(b["active"]), str(sum(r.values())),
+                         *(str(r[c]) for c in ("2xx", "3xx", "4xx", "5xx")),
+                         ",".join(f"{k}:{v}" for k, v in sorted(b["errors"].items())) or "-",
+                         _size(b["bytes_in"]), _size(b["bytes_out"]),
+                         _ms(b["p50_ms"]), _ms(b["p90_ms"]), _ms(b["p99_ms"])))
+    return rows
+
+
+def _table(columns, rows):
+    rows = [columns] + rows
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns) - 1)]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[-1] for r in rows]
+
+
+@operator_command
+def dump(args):
+    _, cfg_file, address, pidfile = target(args)
+    instance(args, cfg_file, address, pidfile)      # the instance meant, checked
+    code, d = control.admin_request(address, "GET", "/dump", timeout=30)
+    if code != 200:
+        raise control.ControlError(f"admin endpoint {address} answered {code}: {d}")
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    for w in d["workers"]:
+        if "error" in w:
+            print(f"worker {w['pid']}: {w['error']}\n")
+            continue
+        print(f"worker {w['pid']}: {len(w['requests'])} requests in flight")
+        for r in w["requests"]:
+            print(f"  {r['age_s']:8.3f}s  {r['phase']:<28} {r['method']} {r['target']}  "
+                  f"route={r['route'] or '-'} backend={r['backend'] or '-'} rid={r['request_id'] or '-'}")
+        if not args.brief:
+            print("\n" + w["greenlets"] + "\n")
     return 0
 
 
@@ -242,8 +314,12 @@ def main(argv=None):
         s.set_defaults(func=func)
         return s
 
-    instance_parser("status", status, "print every backend's state from the admin endpoint").add_argument(
-        "--json", action="store_true", help="print the /status JSON as it is")
+    st = instance_parser("status", status, "print every backend's state and live traffic from the admin endpoint")
+    st.add_argument("--json", action="store_true", help="print the /status JSON as it is")
+    st.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS until interrupted")
+    dp = instance_parser("dump", dump, "print each worker's in-flight requests and greenlet stacks")
+    dp.add_argument("--json", action="store_true", help="print the /dump JSON as it is")
+    dp.add_argument("--brief", action="store_true", help="in-flight requests only, no stacks")
     instance_parser("reload", reload, "check the config, HUP the arbiter, wait for the result").add_argument(
         "--timeout", type=float, default=30, help="seconds to wait for the reload (default 30)")
     for action, text in (("drain", "take a backend out of rotation (in-flight requests complete)"),

@@ -32,8 +32,15 @@ except AttributeError:  # PyYAML built without libyaml
 
 BALANCE_POLICIES = ("round_robin", "least_conn", "random", "consistent_hash")
 HASH_KEY_KINDS = ("header", "cookie", "client_ip", "path", "uri")
-LOG_FORMATS = ("json", "combined", "off")
+LOG_FORMATS = ("json", "combined", "fields", "off")
 ERROR_LOG_FORMATS = ("text", "json")
+# What access_log.fields may list (README "Access log"); the upstream_* lists
+# have one entry per attempt, as nginx's $upstream_addr and $upstream_status.
+ACCESS_LOG_FIELDS = ("time_iso8601", "time_local", "client", "method", "target", "protocol",
+                     "request", "host", "status", "bytes_in", "bytes_out", "duration",
+                     "upstream_time", "route", "upstream", "backend", "retries", "request_id",
+                     "error", "user_agent", "referer", "upstream_addr", "upstream_status",
+                     "upstream_response_time", "consumer", "reason", "cache_status")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")    # gunicorn's
 WORKER_CLASSES = ("gproxy",)
 
@@ -188,6 +195,16 @@ class RouteCache:
 class AccessLog:
     format: str = "json"
     path: str = "-"                 # "-" is stdout
+    fields: tuple = ()              # format "fields": the record's fields, in this order
+
+
+@dataclass(frozen=True)
+class LiveStats:
+    """Per-worker shared counters: the figures of /status and /metrics, and
+    least_conn across workers (README "Live figures")."""
+    enabled: bool = True
+    prometheus: bool = True         # GET /metrics on the admin endpoint
+    window: float = 60.0            # percentiles over the last minute, as Prometheus' rate(...[1m])
 
 
 @dataclass(frozen=True)
@@ -298,6 +315,7 @@ class Config:
     drain_delay: float = 10.0
     pidfile: str | None = None              # gunicorn's default: none
     cache: CacheStore = field(default_factory=CacheStore)
+    live_stats: LiveStats = field(default_factory=LiveStats)
 
 
 # --- YAML with line numbers -----------------------------------------------
@@ -757,6 +775,23 @@ def log_format(doc, value, path):
     return one_of(LOG_FORMATS)(doc, value, path)
 
 
+def access_log(doc, value, path):
+    kw = fields(doc, value, path, {"format": log_format, "path": string,
+                                   "fields": list_of(one_of(ACCESS_LOG_FIELDS))})
+    if kw.get("format") == "fields" and not kw.get("fields"):
+        doc.fail(f"{path}.format", "format 'fields' needs a 'fields' list")
+    if kw.get("fields") and kw.get("format") != "fields":
+        doc.fail(f"{path}.fields", "a field list needs 'format: fields'")
+    return AccessLog(**kw)
+
+
+def live_stats(doc, value, path):
+    kw = fields(doc, value, path, {"enabled": boolean, "prometheus": boolean, "window": duration})
+    if "window" in kw and not 1 <= kw["window"] <= 3600:
+        doc.fail(f"{path}.window", "must be between 1s and 1h")
+    return LiveStats(**kw)
+
+
 def port_range(doc, value, path):
     """443, or a range "1025-65535"."""
     if isinstance(value, int) and not isinstance(value, bool):
@@ -823,8 +858,7 @@ TOP = {
         "request_line": bounded_size(256, 1 << 20), "header_block": bounded_size(1024, 1 << 24),
         "header_fields": integer(1, 10000), "header_timeout": positive_duration,
         "body_timeout": positive_duration})),
-    "access_log": lambda d, v, p: AccessLog(**fields(d, v, p, {
-        "format": log_format, "path": string})),
+    "access_log": lambda d, v, p: access_log(d, v, p),
     "forward_proxy": forward_proxy,
     "tunnel": tunnel,
     "error_log": lambda d, v, p: ErrorLog(**fields(d, v, p, {
@@ -841,6 +875,7 @@ TOP = {
     "drain_delay": duration,
     "pidfile": optional(string),
     "cache": cache_store,
+    "live_stats": lambda d, v, p: live_stats(d, v, p),
 }
 
 

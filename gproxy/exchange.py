@@ -28,7 +28,7 @@ import logging
 import sys
 import time
 
-from . import accesslog, errors, headers as H
+from . import accesslog, errors, headers as H, observe
 from .transport import BodySource
 
 log = logging.getLogger("gproxy.error")
@@ -73,7 +73,7 @@ class Exchange:
     __slots__ = ("start", "method", "target", "protocol", "client", "host", "route",
                  "upstream", "backend", "status", "bytes_in", "bytes_out", "retries",
                  "request_id", "upstream_time", "error", "user_agent", "referer", "body",
-                 "upstream_start", "connect_time", "consumer", "reason", "cache_status")
+                 "upstream_start", "connect_time", "consumer", "reason", "cache_status", "attempts")
 
     def __init__(self, environ):
         self.start = time.time()
@@ -95,6 +95,7 @@ class Exchange:
         self.connect_time = None       # seconds, when that attempt opened a connection
         self.consumer = self.reason = None     # the authenticated client; why refused
         self.cache_status = None       # X-Cache-Status on a cached route
+        self.attempts = None           # the failed attempts (observe.attempt_failed)
 
     def record(self):
         if self.body is not None:
@@ -110,6 +111,7 @@ class Exchange:
             "user_agent": self.user_agent, "referer": self.referer,
             "consumer": self.consumer, "reason": self.reason,
             "cache_status": self.cache_status,
+            "attempts": observe.attempts(self),
         }
 
 
@@ -130,6 +132,7 @@ class Recorder:
 
     def upstream_failed(self, ex, e, elapsed, ejected=False):
         ex.error = e.kind
+        observe.attempt_failed(ex, e.kind, elapsed)
         log.warning("upstream %s: route=%s upstream=%s backend=%s after=%.3fs request_id=%s: %s",
                     e.kind, ex.route, ex.upstream, ex.backend, elapsed, ex.request_id, e,
                     extra={"fields": {"event": "upstream_failed", "kind": e.kind, "route": ex.route,

@@ -14,7 +14,7 @@ everything below, take the ``downstream.Request``.
 import time
 from random import getrandbits
 
-from . import cache as _cache, downstream, errors, exchange, forward as _forward, gateway, headers as H, instance, stats
+from . import cache as _cache, downstream, errors, exchange, forward as _forward, gateway, headers as H, instance, observe, stats
 from . import upgrade as _upgrade
 from .balancer import make_policy
 from .exchange import Exchange
@@ -29,12 +29,12 @@ class UpstreamState(exchange.BackendSet):
     """One upstream inside one worker: its backends, policy, in-flight counts
     and (created lazily, so after fork) its Transport."""
 
-    def __init__(self, cfg, shared=None):
+    def __init__(self, cfg, shared=None, live=None):
         self.cfg = cfg
         self.name = cfg.name
         self.backends = cfg.backends
-        self.inflight = [0] * len(cfg.backends)
-        self.policy = make_policy(cfg, self.inflight)
+        self.inflight = observe.inflight(live, cfg)
+        self.policy = make_policy(cfg, observe.load(live, cfg, self.inflight))
         self.passive = PassiveHealth(len(cfg.backends), cfg.passive.max_fails,
                                      cfg.passive.fail_timeout)
         # The supervisor's view (active checks, passive failures of every
@@ -101,9 +101,10 @@ class ProxyApp:
     def __init__(self, config, shared=None):
         self.config = config
         self.router = Router(config.routes)
-        self.upstreams = {name: UpstreamState(u, shared) for name, u in config.upstreams.items()}
+        self.live = observe.live_counters(config, shared)
+        self.upstreams = {name: UpstreamState(u, shared, self.live) for name, u in config.upstreams.items()}
         self.trusted = config.trusted_proxies
-        self.stats = stats.Stats(config.statsd)
+        self.stats = observe.metrics(stats.Stats(config.statsd), self.live)
         self.recorder = exchange.Recorder(config.access_log, self.stats)
         self.forward_proxy = _forward.ForwardProxy(self.recorder, config)
         self.upgrades = _upgrade.Upgrades(self.recorder, config.tunnel)

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 
-from . import __version__, config, errors, logs
+from . import __version__, config, counters, errors, logs
 from .errors import ConfigError
 from .health import ActiveHealth, SharedPassive
 from .healthtable import FailureReceiver, TableFull, TableWriter, encode, failures_path, table_path
@@ -79,6 +79,13 @@ class HealthEvents:
         """The number of available backends of an upstream changed."""
         if self.stats is not None:
             self.stats.health_available(upstream, n)
+
+    def active(self, sums, backends):
+        """The absolute active gauges, summed over live workers (each second);
+        ``backends``: the (upstream, backend) keys of the config."""
+        if self.stats is not None:
+            self.stats.active_gauges(sums.get(("requests_active",), 0), sums.get(("tunnels_active",), 0),
+                                     {k: sums.get(("active", *k), 0) for k in backends})
 
 
 class BackendHealth:
@@ -214,6 +221,8 @@ class Supervisor:
         os.set_blocking(self.wake_r, False)
         os.set_blocking(self.wake_w, False)
         self.published_at = 0.0
+        self.live = counters.Totals(runtime_dir)
+        self.live_at = 0.0
 
     def pid(self):
         return os.getpid()
@@ -246,6 +255,7 @@ class Supervisor:
                         c = self.checkers[(up.name, b.name)] = Checker(self, (up.name, b.name), b, up)
                         c.start()
             self.counts = {u: n for u, n in self.counts.items() if u in cfg.upstreams}
+            self.live.window = cfg.live_stats.window
             admin_changed = self.cfg is None or self.cfg.admin != cfg.admin
             self.cfg, self.digest, self.loaded_at, self.reload_error = cfg, config_digest(cfg), time.time(), None
             save_good(self.runtime_dir, cfg)
@@ -389,8 +399,20 @@ class Supervisor:
                 return self.stop(f"the arbiter (pid {self.arbiter_pid}) is gone")
             with self.lock:
                 self.publish(time.monotonic())
+            self.live_tick(time.monotonic())
             if self.admin is None and time.monotonic() >= self.admin_retry_at:
                 self.start_admin()
+
+    def live_tick(self, now):
+        """Every second: sum the workers' live counters, retire the dead ones,
+        send the active gauges (stats Rule 5)."""
+        if now - self.live_at < 1.0:
+            return
+        self.live_at = now
+        sums = self.live.tick(now)
+        with self.lock:
+            keys = list(self.backends)
+        self.events.active(sums, keys)
 
     def parent_exited(self, wait=2.0):
         """After the death signal: the kernel sends it when the arbiter's

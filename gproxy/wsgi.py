@@ -6,9 +6,10 @@ handlers created here belong to this worker alone.
 """
 
 import logging
+import os
 import sys
 
-from . import config, lifecycle, logs, proxy
+from . import config, lifecycle, logs, observe, proxy
 
 
 def _setup_error_log():
@@ -27,3 +28,5 @@ _setup_error_log()
 _config = lifecycle.CONFIG or config.load()
 logs.setup(_config.error_log)
 application = proxy.ProxyApp(_config, lifecycle.worker_health(_config))
+# `gproxy dump` asks each worker through its socket in the runtime directory.
+observe.serve_dump(os.environ.get(lifecycle.ENV_RUNTIME_DIR))

@@ -93,7 +93,7 @@ BROKEN = [
      "b.yaml:4: routes[0].methods[0]: expected an upper-case method name, got 'get'"),
     ("trusted_proxies: [10.0.0.0/33]\n", "b.yaml:1: trusted_proxies[0]: not an IP address or CIDR block"),
     ("workers: 2\nworkers: 3\n", "b.yaml:2: workers: duplicate key"),
-    ("access_log: {format: xml}\n", "b.yaml:1: access_log.format: expected one of json, combined, off, got 'xml'"),
+    ("access_log: {format: xml}\n", "b.yaml:1: access_log.format: expected one of json, combined, fields, off, got 'xml'"),
     ("upstreams:\n  api:\n    backends: ['http://h:1']\n    pool: {max_idle: 3}\n",
      "b.yaml:4: upstreams.api.pool.max_idle: unknown key"),
     ("- just\n- a list\n", "b.yaml:1: (top level): expected a mapping, got list"),

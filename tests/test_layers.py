@@ -15,11 +15,11 @@ LAYERS = [
     ("configuration", {"config"}),
     ("decisions", {"router", "balancer", "health", "acl", "ratelimit", "cachepolicy"}),
     ("adapters", {"h1", "transport", "healthtable", "tunnel", "stats", "accesslog", "htpasswd",
-                  "downstream", "ratestore", "cachestore", "counters", "auth", "instance", "control"}),
+                  "downstream", "ratestore", "cachestore", "counters", "auth", "instance", "control", "observe"}),
     ("exchange", {"exchange"}),
     ("orchestration", {"proxy", "forward", "upgrade", "cache", "gateway"}),
     ("processes", {"worker", "wsgi", "supervisor", "lifecycle", "admin", "cli", "logs",
-                   "gunicorn_conf"}),
+                   "gunicorn_conf", "livereport"}),
 ]
 LAYER = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 

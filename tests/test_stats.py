@@ -63,16 +63,20 @@ def test_health_and_tunnel_packets(listener):
     s.tunnel_closed(bytes_up=300, bytes_down=4000, seconds=1.5)
     s.tunnel_opened()
     s.tunnel_closed(bytes_up=0, bytes_down=0, seconds=0.25)
+    s.active_gauges(3, 0, {("api", "127.0.0.1:8081"): 2})
     want = [
         "gproxy.upstream.api.backends.available:2|g",
         "gproxy.upstream.api.backend.127_0_0_1_8081.health.down:1|c",
         "gproxy.upstream.api.backend.127_0_0_1_8081.health.up:1|c",
         "gproxy.upstream.api.backend.127_0_0_1_8081.health.check:12.500000|ms",
-        "gproxy.tunnel.active:+1|g", "gproxy.tunnel.opened:1|c",
-        "gproxy.tunnel.active:-1|g", "gproxy.tunnel.bytes_up:300|c",
+        "gproxy.tunnel.opened:1|c",
+        "gproxy.tunnel.bytes_up:300|c",
         "gproxy.tunnel.bytes_down:4000|c", "gproxy.tunnel.duration:1500.000000|ms",
-        "gproxy.tunnel.active:+1|g", "gproxy.tunnel.opened:1|c",
-        "gproxy.tunnel.active:-1|g", "gproxy.tunnel.duration:250.000000|ms",
+        "gproxy.tunnel.opened:1|c",
+        "gproxy.tunnel.duration:250.000000|ms",
+        # the supervisor's absolute gauges (no +1/-1 deltas that could drift)
+        "gproxy.server.connections.active:3|g", "gproxy.tunnel.active:0|g",
+        "gproxy.upstream.api.backend.127_0_0_1_8081.active:2|g",
     ]
     wait_until(lambda: len(listener.lines()) >= len(want), 5, "the packets")
     assert listener.lines() == want
