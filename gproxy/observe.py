@@ -61,6 +61,10 @@ class Metrics:
     def close(self):
         self.statsd.close()
 
+    def __getattr__(self, name):
+        # Events only StatsD counts (a rate-limit store error, ...) go to it alone.
+        return getattr(self.statsd, name)
+
 
 def live_counters(cfg, shared=None):
     """This worker's shared counters (None when ``live_stats`` is off); its
