@@ -231,8 +231,10 @@ def test_dump_shows_each_worker_and_the_held_request(gproxy, backends):
     b.gate.clear()
     held = hold(g, "/chunks/2/1")
     holder = wait_until(lambda: worker_of(g, held), 5, "the worker holding the request")
+    # the response head is relayed, its last chunk waits at the backend
     d = wait_until(lambda: (x := admin(aport, "/dump")) and
-                   [r for w in x["workers"] for r in w.get("requests", ())] and x, 5, "the held request")
+                   [r for w in x["workers"] for r in w.get("requests", ())
+                    if r["phase"] == "sending response body"] and x, 5, "the held request in its body")
     pids = sorted(w["pid"] for w in d["workers"])
     assert pids == sorted(g.worker_pids()), f"got workers {pids}, want {sorted(g.worker_pids())}"
     w = [w for w in d["workers"] if w["pid"] == holder][0]
