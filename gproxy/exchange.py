@@ -23,6 +23,7 @@ Rule 3: a response whose body breaks off upstream is never completed: the
         server gets an OSError and resets the client connection.
 """
 
+import abc
 import errno
 import logging
 import sys
@@ -37,7 +38,7 @@ log = logging.getLogger("gproxy.error")
 IDEMPOTENT = frozenset(("GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"))
 
 
-class BackendSet:
+class BackendSet(abc.ABC):
     """What the attempts loop needs of a set of backends (rule 1's counts,
     passive health). ``UpstreamState`` and ``forward.Destinations``
     implement it; tests/test_exchange.py checks both do, method by method."""
@@ -46,9 +47,9 @@ class BackendSet:
     backends = ()        # config.Backend, by index
     transport = None     # transport.Transport
 
+    @abc.abstractmethod
     def attempts(self, key, ex, fields):
         """Backend indexes to try, in order, each at most once."""
-        raise NotImplementedError
 
     def started(self, i):
         """An attempt on backend ``i`` begins (in flight)."""
