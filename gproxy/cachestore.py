@@ -41,6 +41,7 @@ import mmap
 import os
 import sqlite3
 import struct
+import time
 
 log = logging.getLogger("gproxy.error")
 
@@ -102,10 +103,24 @@ class Store:
             os.makedirs(os.path.join(self.path, sub), exist_ok=True)
         db = sqlite3.connect(os.path.join(self.path, "index.sqlite"), timeout=10,
                              isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")     # a crash may lose the last rows, not corrupt
         db.execute("PRAGMA busy_timeout=10000")
-        db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        # Every worker opens the index at its first cached request, often at
+        # the same moment; switching a new file to WAL takes an exclusive lock
+        # that SQLite may refuse at once ("database is locked") rather than
+        # wait for: take turns, bounded.
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+                break
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                time.sleep(0.02)
+        db.execute("PRAGMA synchronous=NORMAL")     # a crash may lose the last rows, not corrupt
         self._gen = _counter(os.path.join(self.path, "index.gen"))
         self._gen_lock = os.open(os.path.join(self.path, "gen.lock"), os.O_RDWR | os.O_CREAT, 0o644)
         self._db, self._pid = db, os.getpid()
