@@ -26,7 +26,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,8 +88,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     args = p.parse_args()
     R.ensure_tools()
-    workdir = tempfile.mkdtemp(prefix="gproxy-cache-bench-")
-    os.chmod(workdir, 0o755)
+    workdir = R.make_workdir("gproxy-cache-bench-")
     runs = {"proxied": [], "hit": [], "miss": []}
     try:
         backend = R.Backend(workdir).start()

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402
@@ -73,8 +72,7 @@ def main():
         sys.exit("py-spy not found: pip install py-spy")
     bench.ensure_tools()
     bench.raise_nofile()
-    workdir = tempfile.mkdtemp(prefix="gproxy-profile-")
-    os.chmod(workdir, 0o755)
+    workdir = bench.make_workdir("gproxy-profile-")
     try:
         backend = bench.Backend(workdir).start()
         g = bench.SERVERS[args.proxy](workdir, backend.port).start()

@@ -74,6 +74,13 @@ def stop_all():
         stop(p)
 
 
+def make_workdir(prefix):
+    """A temporary directory the servers (nginx workers included) can read."""
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(workdir, 0o755)
+    return workdir
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -518,8 +525,7 @@ def run(args):
     if nofile < args.idle_conns + 1000:
         sys.exit(f"RLIMIT_NOFILE hard limit {nofile} is too low for {args.idle_conns} connections")
     cond = conditions(args)
-    workdir = tempfile.mkdtemp(prefix="gproxy-bench-")
-    os.chmod(workdir, 0o755)
+    workdir = make_workdir("gproxy-bench-")
     names = args.proxies.split(",")
     raw = {n: {"small": [], "lat1": [], "big": []} for n in names}
     raw["direct"] = {"lat1": []}

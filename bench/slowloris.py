@@ -18,7 +18,6 @@ import os
 import selectors
 import socket
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -96,8 +95,7 @@ def main():
     args = p.parse_args()
     bench.ensure_tools()
     bench.raise_nofile()
-    workdir = tempfile.mkdtemp(prefix="gproxy-slowloris-")
-    os.chmod(workdir, 0o755)
+    workdir = bench.make_workdir("gproxy-slowloris-")
     try:
         backend = bench.Backend(workdir).start()
         for name in args.proxies.split(","):

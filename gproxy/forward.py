@@ -24,7 +24,7 @@ log = logging.getLogger("gproxy.error")
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"    # as Squid
 # Request fields never passed on: hop-by-hop (Proxy-Authorization among
 # them) and Expect, which the server answers itself.
-REQUEST_DROP = H.HOP_BY_HOP | {"expect"}
+REQUEST_DROP = H.HOP_BY_HOP | {"expect", "host"}     # Host: set from the target
 
 
 class Destinations(exchange.BackendSet):
@@ -134,9 +134,7 @@ class ForwardProxy:
     def request_headers(self, request, ex, dest):
         """The request fields for the origin, a list of (name, value) pairs."""
         # RFC 9112 3.2.2: a proxy replaces Host with the target's authority.
-        out = [("Host", dest.authority)]
-        out += [(n, v) for n, v in H.strip_hop_by_hop(request.fields, REQUEST_DROP)
-                if n.lower() != "host"]
+        out = [("Host", dest.authority)] + H.strip_hop_by_hop(request.fields, REQUEST_DROP)
         if self.cfg.via:
             out.append(("Via", f"{_version(ex)} {self.via_name}"))
         if self.cfg.x_forwarded_for:

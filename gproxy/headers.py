@@ -16,26 +16,15 @@ HOP_BY_HOP = frozenset((
 ))
 
 # Request fields the proxy itself sets or must not pass on.
-#   expect: gunicorn has already answered 100-continue to the client, and
-#   http.client would not wait for the backend's 100 anyway.
-REQUEST_DROP = HOP_BY_HOP | {"expect", "x-forwarded-for", "x-forwarded-proto",
+#   host: set first in the upstream field list (the client's or the backend's)
+#   expect: the server answers 100-continue to the client itself when the
+#   body is read, and h1 does not wait for a backend's 100.
+REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "x-forwarded-for", "x-forwarded-proto",
                              "x-forwarded-host", "x-request-id"}
 
-# Response fields that gunicorn writes itself (and silently drops when the
-# application sends them): nginx also hides the upstream Date and Server.
+# Response fields the server writes itself: nginx also hides the upstream
+# Date and Server.
 RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
-
-_TITLE = {}
-
-
-def title(name):
-    """``X-FOO-BAR`` -> ``X-Foo-Bar``: gunicorn upper-cases names when parsing."""
-    t = _TITLE.get(name)
-    if t is None:
-        t = "-".join(p.capitalize() for p in name.split("-"))
-        if len(_TITLE) < 4096:
-            _TITLE[name] = t
-    return t
 
 
 def connection_tokens(values):

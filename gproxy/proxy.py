@@ -176,13 +176,8 @@ class ProxyApp:
         """The request fields for the backend, Host first (``exchange.send``
         may replace it), then the client's in order, byte-exact, then the
         forwarding ones."""
-        fields = H.strip_hop_by_hop(request.fields, H.REQUEST_DROP)
-        out = [None]
-        for field in fields:
-            if field[0].lower() != "host":
-                out.append(field)
         host = ex.host if up.cfg.preserve_host and ex.host else _backend_host(up, 0)
-        out[0] = ("Host", host)
+        out = [("Host", host)] + H.strip_hop_by_hop(request.fields, H.REQUEST_DROP)
         peer = ex.client
         trusted = self.is_trusted(peer)
         incoming_xff = environ.get("HTTP_X_FORWARDED_FOR")

@@ -494,11 +494,14 @@ class Response:
         self.status = code
         self.no_body = request.method == "HEAD" or code < 200 or code in NO_BODY_STATUS
         length = date = None
+        out = ["\r\n"]
         for name, value in headers:
             if len(name) == 14 and name.lower() == "content-length":
                 length = int(value)
             elif len(name) == 4 and name.lower() == "date":
                 date = value    # a stored response keeps its Date (RFC 9110 6.6.1: caches)
+                continue
+            out += (name, ": ", value, "\r\n")
         self.length = length
         self.chunked = length is None and not self.no_body and request.version == "HTTP/1.1"
         keep = request.keep_alive and self.conn.worker.alive and not self.conn.upgraded \
@@ -506,11 +509,6 @@ class Response:
         self.keep = keep
         lines = [f"HTTP/1.1 {status}\r\nServer: {SERVER}\r\nDate: ".encode("latin-1"),
                  http_date() if date is None else date.encode("latin-1")]
-        out = ["\r\n"]
-        for name, value in headers:
-            if date is not None and len(name) == 4 and name.lower() == "date":
-                continue
-            out += (name, ": ", value, "\r\n")
         if self.chunked:
             out.append("Transfer-Encoding: chunked\r\n")
         if not keep or not request.complete:
@@ -521,10 +519,7 @@ class Response:
         out.append("\r\n")
         lines.append("".join(out).encode("latin-1"))
         self.head = b"".join(lines)
-        return self.write_wsgi
-
-    def write_wsgi(self, data):
-        self.write(data)
+        return self.write
 
     def write(self, data):
         """Send one body piece (the head first, with the first piece)."""

@@ -1,5 +1,5 @@
 from gproxy.headers import (REQUEST_DROP, RESPONSE_DROP, client_address, forwarded_for,
-                            strip_hop_by_hop, title)
+                            strip_hop_by_hop)
 
 
 def test_connection_listed_and_rfc_hop_by_hop_fields_are_dropped():
@@ -27,7 +27,3 @@ def test_client_address_walks_past_trusted_hops():
     assert client_address("203.0.113.9, 10.0.0.2", "127.0.0.1", trusted) == "203.0.113.9"
     assert client_address("203.0.113.9", "192.0.2.1", trusted) == "192.0.2.1"   # untrusted peer
     assert client_address("", "127.0.0.1", trusted) == "127.0.0.1"
-
-
-def test_title_case():
-    assert title("X-REQUEST-ID") == "X-Request-Id" and title("HOST") == "Host"
