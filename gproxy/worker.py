@@ -46,6 +46,9 @@ Rules (each pinned by a test in tests/test_server.py):
 
 import collections
 import errno
+import os
+import queue
+import signal
 import socket
 import time
 from functools import partial
@@ -150,6 +153,25 @@ class Worker(GeventWorker):
             self.notify()               # ends idle keep-alive connections after IDLE_GRACE
             self.sweep(time.monotonic())
             gevent.sleep(self.DRAIN_POLL)
+
+    # Signals the arbiter sends a worker that has not yet set its handlers:
+    # between the fork and init_signals they run the arbiter's handler,
+    # inherited with the fork, which queues them in this process's copy of
+    # the arbiter's queue, where nobody reads them (a QUIT then waits out
+    # graceful_timeout and a SIGKILL).
+    REDELIVER = (signal.SIGQUIT, signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+    def init_signals(self):
+        inherited = getattr(signal.getsignal(signal.SIGQUIT), "__self__", None)
+        super().init_signals()
+        pending = getattr(inherited, "SIG_QUEUE", None)
+        while pending is not None:
+            try:
+                sig = pending.get_nowait()
+            except (queue.Empty, AttributeError):
+                break
+            if sig in self.REDELIVER:
+                os.kill(os.getpid(), sig)       # now to this worker's handler
 
     def handle_exit(self, sig, frame):
         self.alive = False

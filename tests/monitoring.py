@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 
-from servers import REPO, free_port, wait_until  # noqa: F401  (re-exported for the metric tests)
+from servers import REPO, free_port, free_udp_port, wait_until  # noqa: F401  (re-exported for the metric tests)
 
 STATSD_NPM_VERSION = "0.9.0"
 NODE_DIR = os.environ.get("GPROXY_TEST_NODE_DIR", os.path.join(REPO, ".ci", "node"))
@@ -237,12 +237,6 @@ class NodeStatsd(_Daemon):
         assert self.proc.poll() is None, f"statsd exited: {self.log()}"
         return self
 
-
-
-def free_udp_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _accepts(port):

@@ -23,10 +23,51 @@ from gproxy import control
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _port_slice():
+    """The ports this test process hands out: below the kernel's ephemeral
+    range (bind(0) and outgoing connections take theirs from there, so a port
+    picked there can be taken again before gunicorn binds it), one slice per
+    pytest-xdist worker (two workers never pick the same port), from a
+    random start (two runs side by side rarely meet)."""
+    import random
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            top = int(f.read().split()[0])
+    except OSError:
+        top = 32768
+    low = 10000
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    size = (top - low) // max(count, 1)
+    first = low + index * size
+    start = random.randrange(size)
+    return [first + (start + i) % size for i in range(size)]
+
+
+_PORTS = {}
+
+
+def _next_port(kind):
+    ports = _PORTS.get(kind)
+    if ports is None:
+        ports = _PORTS[kind] = iter(_port_slice())
+    for port in ports:
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))     # nothing holds it now
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port left in this test process's slice")
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 nothing listens on, for a server a test starts."""
+    return _next_port(socket.SOCK_STREAM)
+
+
+def free_udp_port():
+    return _next_port(socket.SOCK_DGRAM)
 
 
 def _top_level_keys(text):
@@ -441,7 +482,9 @@ class GProxy:
         while True:
             recs = [json.loads(line) for line in self.stdout().splitlines() if line.startswith("{")]
             if len(recs) >= at_least or time.monotonic() > deadline:
-                return recs
+                # in the order the requests began: each worker writes its
+                # record after its response, so two workers' lines may swap
+                return sorted(recs, key=lambda r: r["time"])
             time.sleep(0.02)
 
 

@@ -5,13 +5,15 @@ request we cannot frame unambiguously, the bytes that follow it (here
 always a well-formed ``GET /smuggled``) must never be read as a request.
 """
 
+import os
 import re
+import signal
 import socket
 import time
 
 import pytest
 
-from servers import wait_until
+from servers import alive, wait_until, worker_serving
 
 
 def conf(b, extra=""):
@@ -429,3 +431,21 @@ def test_a_parked_keepalive_connection_serves_its_next_request(front):
             if i == 0:
                 time.sleep(1.5)         # idle: the connection is parked meanwhile
     assert len(b.received) == 2
+
+
+def test_a_quit_that_lands_while_a_worker_boots_is_not_lost(gproxy, backends):
+    """Between its fork and its own signal handlers a worker runs the
+    arbiter's, inherited with the fork: a QUIT then (the arbiter's stop,
+    or a reload's, racing a new worker's boot) must still stop it rather
+    than wait out graceful_timeout and a SIGKILL."""
+    b, = backends(1)
+    g = gproxy(conf(b, "graceful_timeout: 60s"))
+    before = set(g.worker_pids())
+    os.kill(g.proc.pid, signal.SIGTTIN)         # the arbiter forks one more worker
+    new, deadline = set(), time.monotonic() + 10
+    while not new and time.monotonic() < deadline:
+        new = set(g.worker_pids()) - before
+    pid, = new
+    os.kill(pid, signal.SIGQUIT)
+    print("QUIT sent while the worker was", "serving" if worker_serving(pid) else "booting")
+    wait_until(lambda: not alive(pid), 10, f"worker {pid} to honour the QUIT sent as it booted")
