@@ -272,6 +272,9 @@ class StatsD:
     port: int = 8125
     prefix: str = "gproxy"
     max_udp_size: int = 1432        # Etsy statsd docs: 1432 for MTU 1500, 512 across the internet
+    # How long a worker sums counters and holds timer samples before sending
+    # them: a hundredth of StatsD's own 10 s flushInterval.
+    flush_interval: float = 0.1
     gunicorn: bool = False          # gunicorn's own metrics, under <prefix>.gunicorn
 
 
@@ -444,6 +447,15 @@ def positive_duration(doc, value, path):
     if seconds <= 0:
         doc.fail(path, "must be more than 0")
     return seconds
+
+
+def bounded_duration(low, high):
+    def parse(doc, value, path):
+        seconds = duration(doc, value, path)
+        if not low <= seconds <= high:
+            doc.fail(path, f"must be between {low:g}s and {high:g}s, got {value!r}")
+        return seconds
+    return parse
 
 
 def size(doc, value, path):
@@ -865,7 +877,8 @@ TOP = {
         "format": one_of(ERROR_LOG_FORMATS), "path": string, "level": one_of(LOG_LEVELS)})),
     "statsd": lambda d, v, p: StatsD(**fields(d, v, p, {
         "enabled": boolean, "host": string, "port": integer(1, 65535), "prefix": metric_prefix,
-        "max_udp_size": integer(64, 65507), "gunicorn": boolean})),
+        "max_udp_size": integer(64, 65507), "gunicorn": boolean,
+        "flush_interval": bounded_duration(0.01, 60.0)})),
     "admin": lambda d, v, p: Admin(**fields(d, v, p, {
         "listen": tcp_address, "allow": networks})),
     "supervisor": lambda d, v, p: Supervisor(**fields(d, v, p, {"stale_after": duration})),

@@ -13,15 +13,19 @@ Rule 2: metrics never fail or slow a request. The socket is non-blocking
         ECONNREFUSED instead of vanishing. A failed send is dropped and the
         first failure in a process is logged, once. A host that does not
         resolve at start turns metrics off in that process, logged once.
-Rule 3: one batch of lines per request, queued when the request is recorded
-        and sent when the queue fills a datagram (``max_udp_size``) or has
-        waited ``FLUSH_EVERY``, so several requests share one sendto() (it
-        was a third of the per-request cost of StatsD); StatsD aggregates
-        over its 10 s flush, so 0.1 s of delay changes no figure; a worker
-        that exits sends what is queued (atexit), one killed loses at most
-        those 0.1 s. A failed
-        upstream attempt, which is rare, sends its own pipeline at once. The
-        per-request batch is formatted here from names built once, not
+Rule 3: a request costs no syscall and no lock. ``record`` adds its counts
+        to this worker's sums (a dict item each) and queues its timer
+        samples; every ``flush_interval`` (0.1 s) the worker sends each
+        counter once, as its sum (``name:N|c``: StatsD adds the values of
+        a counter's lines, so Graphite sees the same totals), and the
+        timers, packed into datagrams of ``max_udp_size``; timer samples
+        that fill a datagram go at once. Counts and samples are added by
+        the worker's greenlets and sent by its flusher greenlet, all in
+        one thread, and the flush does not yield, so neither side locks.
+        A worker that exits (TERM, QUIT, max_requests, a reload) sends
+        what it holds (atexit); one killed loses at most one interval.
+        Failed attempts and tunnel events, which are rare, are sent at
+        once. The lines are formatted here from names built once, not
         through the package's per-metric calls, which cost three times as
         much (bench/metrics_cost.py).
 Rule 4: route, upstream and backend names are sanitised by ``sanitize``:
@@ -59,7 +63,6 @@ BACKEND_KINDS = frozenset(c.kind for c in (
 UPSTREAM_KINDS = frozenset((errors.NoBackend.kind, errors.ClientAbort.kind))
 
 _CLASSES = {n: f"{n}xx" for n in range(1, 6)}
-FLUSH_EVERY = 0.1       # seconds a queued line may wait for a fuller datagram
 
 # The gateway's refusals, also counted per route: kind -> the route's counter.
 ROUTE_REFUSALS = {errors.TooManyRequests.kind: "rate_limited",
@@ -79,61 +82,59 @@ def status_class(status):
 
 class _Client(statsd.StatsClient):
     """``statsd.StatsClient`` on a connected, non-blocking socket whose
-    first send failure is logged (the package swallows every one)."""
+    first send failure is logged (the package swallows every one), plus
+    this worker's summed counters and queued timer samples (Rule 3)."""
 
-    def __init__(self, host, port, max_udp_size):
+    def __init__(self, host, port, max_udp_size, flush_interval):
         super().__init__(host, port, prefix=None, maxudpsize=max_udp_size, ipv6=":" in host)
         self.where = f"{host}:{port}"
         self.failed = False
         self._sock.setblocking(False)
         self._sock.connect(self._addr)
-        self.queued, self.queued_size = [], 0
-        # A greenlet in a gevent worker (threading is patched), a thread in
-        # the supervisor; the lock is uncontended but for those two.
-        self.lock = threading.Lock()
+        self.counts = {}                # name -> sum since the last flush
+        self.samples, self.samples_size = [], 0
+        self.flush_interval = flush_interval
         self.flusher = None
-        atexit.register(self.flush)     # a worker's last batches go out as it exits
+        atexit.register(self.flush)     # a worker's last sums go out as it exits
 
-    def send_lines(self, lines):
-        """Queue StatsD lines; send full datagrams now, the rest within FLUSH_EVERY."""
-        data = "\n".join(lines)
-        with self.lock:
-            if self.queued_size + len(data) >= self._maxudpsize:
-                self._flush()
-            self.queued.append(data)
-            self.queued_size += len(data) + 1
-        if self.flusher is None:
-            self.flusher = threading.Thread(target=self._flush_every, name="statsd_flush", daemon=True)
-            self.flusher.start()
+    def count(self, name, n=1):
+        counts = self.counts
+        counts[name] = counts.get(name, 0) + n
+
+    def sample(self, line):
+        """Queue one timer line; a full datagram goes at once."""
+        self.samples.append(line)
+        self.samples_size += len(line) + 1
+        if self.samples_size >= self._maxudpsize:
+            samples, self.samples, self.samples_size = self.samples, [], 0
+            self.send_lines(samples)
+
+    def start_flusher(self):
+        # A greenlet in a gevent worker (threading is patched).
+        self.flusher = threading.Thread(target=self._flush_every, name="statsd_flush", daemon=True)
+        self.flusher.start()
 
     def _flush_every(self):
-        while True:
-            time.sleep(FLUSH_EVERY)
-            with self.lock:
-                if self._sock is None:
-                    return          # closed
-                if self.queued:
-                    self._flush()
-
-    def _flush(self):
-        queued, self.queued, self.queued_size = self.queued, [], 0
-        if len(queued) == 1 and len(queued[0]) > self._maxudpsize:
-            self._send_split(queued[0].split("\n"))
-        else:
-            self._send("\n".join(queued))
+        while self._sock is not None:
+            time.sleep(self.flush_interval)
+            self.flush()
 
     def flush(self):
-        with self.lock:
-            if self.queued and self._sock is not None:
-                self._flush()
+        """Send the summed counters and the queued samples."""
+        counts, self.counts = self.counts, {}
+        samples, self.samples, self.samples_size = self.samples, [], 0
+        lines = [f"{name}:{n}|c" for name, n in counts.items()]
+        lines += samples
+        if lines and self._sock is not None:
+            self.send_lines(lines)
 
     def close(self):
         self.flush()
         atexit.unregister(self.flush)
         super().close()
 
-    def _send_split(self, lines):
-        """Lines packed into datagrams of at most max_udp_size."""
+    def send_lines(self, lines):
+        """Lines packed into datagrams of at most max_udp_size, sent now."""
         limit = self._maxudpsize
         chunk, size = [], 0
         for line in lines:
@@ -160,7 +161,7 @@ def connect(cfg):
     if not cfg.enabled:
         return None
     try:
-        return _Client(cfg.host, cfg.port, cfg.max_udp_size)
+        return _Client(cfg.host, cfg.port, cfg.max_udp_size, cfg.flush_interval)
     except (OSError, UnicodeError) as e:
         log.error("statsd %s:%s: cannot resolve or open: %s; metrics are off in this process",
                   cfg.host, cfg.port, e)
@@ -214,48 +215,53 @@ class Stats:
         """Nothing to send: the supervisor sends the active gauge (Rule 5)."""
 
     def record(self, ex):
-        """Everything about one finished request, in one batch. ``ex`` is the
-        proxy's Exchange (read, never changed)."""
-        if self.client is None:
+        """Everything about one finished request: counts added to the sums,
+        timer samples queued (Rule 3). ``ex`` is the proxy's Exchange (read,
+        never changed)."""
+        client = self.client
+        if client is None:
             return
+        if client.flusher is None:
+            client.start_flusher()
+        count = client.count
         cls = status_class(ex.status)
-        lines = [self.responses[cls] + ":1|c"]
+        count(self.responses[cls])
         if ex.route is not None:
             requests, duration = self.route_names(ex.route)
-            lines.append(requests[cls] + ":1|c")
-            lines.append(f"{duration}:{(time.time() - ex.start) * 1000.0:.3f}|ms")
+            count(requests[cls])
+            client.sample(f"{duration}:{(time.time() - ex.start) * 1000.0:.3f}|ms")
         nbytes = ex.body.nbytes if ex.body is not None else ex.bytes_in
         if nbytes:
-            lines.append(f"{self.bytes_in}:{nbytes}|c")
+            count(self.bytes_in, nbytes)
         if ex.bytes_out:
-            lines.append(f"{self.bytes_out}:{ex.bytes_out}|c")
+            count(self.bytes_out, ex.bytes_out)
         kind = ex.error
         if kind is not None and kind not in BACKEND_KINDS:
-            lines.append(f"{self.p}server.errors.{kind}:1|c")
+            count(f"{self.p}server.errors.{kind}")
             if ex.upstream is not None and kind in UPSTREAM_KINDS:
-                lines.append(f"{self.upstream_name(ex.upstream)}errors.{kind}:1|c")
+                count(f"{self.upstream_name(ex.upstream)}errors.{kind}")
             if ex.route is not None and kind in ROUTE_REFUSALS:
-                lines.append(f"{self.p}route.{sanitize(ex.route)}.{ROUTE_REFUSALS[kind]}:1|c")
+                count(f"{self.p}route.{sanitize(ex.route)}.{ROUTE_REFUSALS[kind]}")
         if ex.upstream is not None:
-            self._upstream_timings(lines, ex)
+            self._upstream_timings(client, ex)
         if ex.cache_status is not None:
-            lines.append(f"{self.p}cache.{ex.cache_status.lower()}:1|c")
-        self.client.send_lines(lines)
+            count(f"{self.p}cache.{ex.cache_status.lower()}")
 
-    def _upstream_timings(self, lines, ex):
+    def _upstream_timings(self, client, ex):
         up = self.upstream_name(ex.upstream)
         if ex.retries:
-            lines.append(f"{up}retries:{ex.retries}|c")
+            client.count(f"{up}retries", ex.retries)
         if ex.upstream_start is None:
             return          # no response header came back
         total = f"total:{(time.monotonic() - ex.upstream_start) * 1000.0:.3f}|ms"
         ttfb = f"ttfb:{ex.upstream_time * 1000.0:.3f}|ms"
         connect = None if ex.connect_time is None else f"connect:{ex.connect_time * 1000.0:.3f}|ms"
+        sample = client.sample
         for base in (up, self.backend_name(ex.upstream, ex.backend)):
             if connect is not None:
-                lines.append(base + connect)
-            lines.append(base + ttfb)
-            lines.append(base + total)
+                sample(base + connect)
+            sample(base + ttfb)
+            sample(base + total)
 
     def attempt_failed(self, upstream, backend, kind, ejected):
         """One failed attempt on ``backend`` (a retry may follow). ``ejected``:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from monitoring import StatsdListener, free_udp_port, wait_until
+from monitoring import StatsdListener, free_udp_port, settle, wait_until
 from servers import free_port
 
 
@@ -135,6 +135,32 @@ def test_scripted_requests_send_exact_metrics(gproxy, backends, listener):
     wait_until(lambda: all(listener.gauges(p)[k][-1] == "0" for k in active), 5,
                "the active gauges back to 0 (sent every second)")
     assert "statsd" not in g.stderr(), g.stderr()
+
+
+@pytest.mark.parametrize("stop", ["term", "quit", "hup"])
+def test_a_stopping_worker_sends_the_sums_it_holds(gproxy, backends, listener, stop):
+    """Counters are summed per worker and timers queued for flush_interval
+    (here a minute); a worker that exits (graceful stop, fast stop, or
+    replaced by a reload) sends them first, so no count is lost."""
+    b, other = backends(2)
+    g = gproxy(metrics_conf(listener.port, b, other, extra_statsd=", flush_interval: 60s"))
+    sent_out = 0
+    for _ in range(5):
+        status, data = get(g, "/x")
+        assert status == 200, f"got {status}, want 200"
+        sent_out += len(data)
+    p = "gp.test."
+    assert listener.counters(p + "server.") == {}, "sent before the flush interval"
+    if stop == "hup":
+        g.hup()
+    else:
+        g.stop(graceful=stop == "term")
+    want = {p + "server.responses.2xx": 5, p + "route.main_v1.requests.2xx": 5,
+            p + "server.bytes_out": sent_out}
+    got = settle(lambda: {k: v for k, v in listener.counters(p).items() if k in want}, want, 10)
+    assert got == want, got
+    timers = {k: len(v) for k, v in listener.timers(p + "route.").items()}
+    assert timers == {p + "route.main_v1.duration": 5}, timers
 
 
 def test_gunicorn_metrics_live_under_their_own_branch(gproxy, backends, listener):
