@@ -381,6 +381,19 @@ class GProxyObservedLocal(GProxyObserved):
         return cmd
 
 
+class GProxyObservedBuffered(GProxyObserved):
+    """The same with the access log gathered per worker
+    (``buffer: 64KB, flush: 1s``, nginx ``buffer=64k flush=1s``)."""
+    name = "gproxy-observed-buf"
+
+    def command(self):
+        cmd = super().command()
+        self.access_log = self.access_log.replace("}", ", buffer: 64KB, flush: 1s}")
+        self.config = self.write("gproxy.yaml", GPROXY_YAML.format(
+            port=self.port, backend=self.backend, access_log=self.access_log, extra=self.extra))
+        return cmd
+
+
 _SINK = []
 
 
@@ -399,7 +412,8 @@ def statsd_sink():
     return _SINK[0]
 
 
-SERVERS = {c.name: c for c in (GProxy, GProxyBase, GProxyBare, GProxyObserved, GProxyObservedLocal, Nginx, HAProxy)}
+SERVERS = {c.name: c for c in (GProxy, GProxyBase, GProxyBare, GProxyObserved, GProxyObservedLocal,
+                                  GProxyObservedBuffered, Nginx, HAProxy)}
 
 
 # --- the load -----------------------------------------------------------------------

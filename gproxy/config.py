@@ -196,6 +196,10 @@ class AccessLog:
     format: str = "json"
     path: str = "-"                 # "-" is stdout
     fields: tuple = ()              # format "fields": the record's fields, in this order
+    buffer: int = 0                 # bytes gathered per worker; 0 writes each line (nginx default)
+    # How long a gathered line may wait. nginx has no default (lines wait
+    # for a full buffer); a quiet server's lines should not wait for ever.
+    flush: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -787,9 +791,21 @@ def log_format(doc, value, path):
     return one_of(LOG_FORMATS)(doc, value, path)
 
 
+ACCESS_LOG_BUFFER = 64 * 1024      # nginx: flush= without buffer= gathers 64k
+
+
+def log_buffer(doc, value, path):
+    if value is False or value == "off":     # YAML 1.1 reads a bare `off` as false
+        return 0
+    return bounded_size(0, 16 << 20)(doc, value, path)
+
+
 def access_log(doc, value, path):
     kw = fields(doc, value, path, {"format": log_format, "path": string,
-                                   "fields": list_of(one_of(ACCESS_LOG_FIELDS))})
+                                   "fields": list_of(one_of(ACCESS_LOG_FIELDS)),
+                                   "buffer": log_buffer, "flush": bounded_duration(0.01, 3600.0)})
+    if "flush" in kw and "buffer" not in kw:
+        kw["buffer"] = ACCESS_LOG_BUFFER
     if kw.get("format") == "fields" and not kw.get("fields"):
         doc.fail(f"{path}.format", "format 'fields' needs a 'fields' list")
     if kw.get("fields") and kw.get("format") != "fields":

@@ -94,6 +94,10 @@ BROKEN = [
     ("trusted_proxies: [10.0.0.0/33]\n", "b.yaml:1: trusted_proxies[0]: not an IP address or CIDR block"),
     ("workers: 2\nworkers: 3\n", "b.yaml:2: workers: duplicate key"),
     ("access_log: {format: xml}\n", "b.yaml:1: access_log.format: expected one of json, combined, fields, off, got 'xml'"),
+    ("access_log:\n  format: json\n  buffer: 64MB\n",
+     "b.yaml:3: access_log.buffer: must be between 0 and 16777216 bytes, got 67108864"),
+    ("access_log:\n  buffer: 64KB\n  flush: 0s\n", "b.yaml:3: access_log.flush: must be between 0.01s and 3600s"),
+    ("statsd:\n  port: 8125\n  flush_interval: 5m\n", "b.yaml:3: statsd.flush_interval: must be between 0.01s and 60s"),
     ("upstreams:\n  api:\n    backends: ['http://h:1']\n    pool: {max_idle: 3}\n",
      "b.yaml:4: upstreams.api.pool.max_idle: unknown key"),
     ("- just\n- a list\n", "b.yaml:1: (top level): expected a mapping, got list"),
@@ -143,3 +147,11 @@ def test_gunicorn_refuses_to_start_on_a_broken_config(tmp_path):
 def test_bare_off_means_off():
     # YAML 1.1 reads an unquoted `off` as false
     assert config.parse("access_log: {format: off}").access_log.format == "off"
+    assert config.parse("access_log: {buffer: off}").access_log.buffer == 0
+
+
+def test_access_log_buffer_defaults_as_nginx():
+    assert config.parse("workers: 1").access_log.buffer == 0, "unbuffered unless asked (nginx)"
+    assert config.parse("access_log: {flush: 5s}").access_log.buffer == 64 * 1024, "flush= alone gathers 64k"
+    got = config.parse("access_log: {buffer: 8KB}").access_log
+    assert (got.buffer, got.flush) == (8192, 1.0), got
