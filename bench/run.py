@@ -368,16 +368,17 @@ class GProxyObserved(GProxy):
         return super().command()
 
 
-class GProxyObservedLocal(GProxyObserved):
-    """The same with ``max_udp_size: 8192``, for a StatsD daemon on the same
-    host (loopback's MTU is 65536; DogStatsD reads 8 KiB datagrams)."""
-    name = "gproxy-observed-8k"
+class GProxyObservedRemote(GProxyObserved):
+    """The same with ``max_udp_size: 1432``, the default for a StatsD daemon
+    on another host (the sink is still on loopback, so each datagram costs
+    what a local daemon's does: an upper bound)."""
+    name = "gproxy-observed-1432"
 
     def command(self):
         cmd = super().command()
         self.config = self.write("gproxy.yaml", GPROXY_YAML.format(
             port=self.port, backend=self.backend, access_log=self.access_log,
-            extra=self.extra.replace("}", ", max_udp_size: 8192}", 1)))
+            extra=self.extra.replace("}", ", max_udp_size: 1432}", 1)))
         return cmd
 
 
@@ -412,7 +413,7 @@ def statsd_sink():
     return _SINK[0]
 
 
-SERVERS = {c.name: c for c in (GProxy, GProxyBase, GProxyBare, GProxyObserved, GProxyObservedLocal,
+SERVERS = {c.name: c for c in (GProxy, GProxyBase, GProxyBare, GProxyObserved, GProxyObservedRemote,
                                   GProxyObservedBuffered, Nginx, HAProxy)}
 
 

@@ -38,6 +38,12 @@ def address(text):
         return None
 
 
+def is_loopback(host):
+    """``localhost``, ``127.0.0.0/8`` or ``::1``: a peer on this host."""
+    ip = address(host)
+    return host == "localhost" if ip is None else ip.is_loopback
+
+
 def network(text):
     """``10.0.0.0/8``, ``10.1.2.3`` (a /32), ``::ffff:10.0.0.0/104`` (the IPv4
     ``10.0.0.0/8``); host bits are ignored. ValueError when not a network."""

@@ -102,12 +102,13 @@ class _Client(statsd.StatsClient):
         counts[name] = counts.get(name, 0) + n
 
     def sample(self, line):
-        """Queue one timer line; a full datagram goes at once."""
+        """Queue one timer line; a datagram goes once it is full."""
+        size = self.samples_size + len(line) + 1
+        if size > self._maxudpsize and self.samples:
+            self._send("\n".join(self.samples))
+            self.samples, size = [], len(line) + 1
         self.samples.append(line)
-        self.samples_size += len(line) + 1
-        if self.samples_size >= self._maxudpsize:
-            samples, self.samples, self.samples_size = self.samples, [], 0
-            self.send_lines(samples)
+        self.samples_size = size
 
     def start_flusher(self):
         # A greenlet in a gevent worker (threading is patched).
