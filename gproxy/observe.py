@@ -99,6 +99,13 @@ def load(live, upstream_cfg, inflight_array):
 
 # --- the access log's attempt list ---------------------------------------------------
 
+def micro(seconds):
+    """``seconds`` rounded to the microsecond: ``round(seconds, 6)`` for a
+    duration (never negative), at a third of its cost (it is called up to
+    three times a request)."""
+    return int(seconds * 1e6 + 0.5) / 1e6
+
+
 def attempt_failed(ex, kind, seconds):
     """One failed attempt. A failure after the response header came
     (mid-body) is the answering attempt's: kept with its status and timed
@@ -107,7 +114,7 @@ def attempt_failed(ex, kind, seconds):
         ex.attempts = []
     answered = ex.upstream_start is not None
     ex.attempts.append({"backend": ex.backend, "status": ex.status if answered else None,
-                        "error": kind, "time": None if answered else round(seconds, 6)})
+                        "error": kind, "time": None if answered else micro(seconds)})
 
 
 def attempts(ex):
@@ -116,7 +123,7 @@ def attempts(ex):
     as one list; None when no backend was tried."""
     out = list(ex.attempts) if ex.attempts else []
     if ex.upstream_start is not None:
-        t = round(time.monotonic() - ex.upstream_start, 6)
+        t = micro(time.monotonic() - ex.upstream_start)
         if out and out[-1]["time"] is None:         # it broke mid-body
             out[-1] = dict(out[-1], time=t)
         else:

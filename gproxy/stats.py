@@ -102,11 +102,16 @@ class _Client(statsd.StatsClient):
         counts[name] = counts.get(name, 0) + n
 
     def sample(self, line):
-        """Queue one timer line; a datagram goes once it is full."""
+        """Queue timer lines (one request's block); a datagram goes once it
+        is full, a block over max_udp_size goes alone, split."""
         size = self.samples_size + len(line) + 1
         if size > self._maxudpsize and self.samples:
             self._send("\n".join(self.samples))
-            self.samples, size = [], len(line) + 1
+            self.samples, self.samples_size = [], 0
+            size = len(line) + 1
+        if size > self._maxudpsize:     # one block larger than a datagram
+            self.send_lines(line.split("\n"))
+            return
         self.samples.append(line)
         self.samples_size = size
 
@@ -181,6 +186,7 @@ class Stats:
         self.bytes_in, self.bytes_out = p + "server.bytes_in", p + "server.bytes_out"
         self.active = p + "server.connections.active"
         self._routes, self._upstreams, self._backends = {}, {}, {}
+        self._templates = {}    # (route, upstream, backend, connected) -> timer lines
 
     def close(self):
         if self.client is not None:
@@ -217,7 +223,7 @@ class Stats:
 
     def record(self, ex):
         """Everything about one finished request: counts added to the sums,
-        timer samples queued (Rule 3). ``ex`` is the proxy's Exchange (read,
+        timer lines queued (Rule 3). ``ex`` is the proxy's Exchange (read,
         never changed)."""
         client = self.client
         if client is None:
@@ -228,9 +234,7 @@ class Stats:
         cls = status_class(ex.status)
         count(self.responses[cls])
         if ex.route is not None:
-            requests, duration = self.route_names(ex.route)
-            count(requests[cls])
-            client.sample(f"{duration}:{(time.time() - ex.start) * 1000.0:.3f}|ms")
+            count(self.route_names(ex.route)[0][cls])
         nbytes = ex.body.nbytes if ex.body is not None else ex.bytes_in
         if nbytes:
             count(self.bytes_in, nbytes)
@@ -243,26 +247,39 @@ class Stats:
                 count(f"{self.upstream_name(ex.upstream)}errors.{kind}")
             if ex.route is not None and kind in ROUTE_REFUSALS:
                 count(f"{self.p}route.{sanitize(ex.route)}.{ROUTE_REFUSALS[kind]}")
-        if ex.upstream is not None:
-            self._upstream_timings(client, ex)
+        if ex.retries and ex.upstream is not None:
+            count(self.upstream_name(ex.upstream) + "retries", ex.retries)
         if ex.cache_status is not None:
             count(f"{self.p}cache.{ex.cache_status.lower()}")
+        self._timers(client, ex)
 
-    def _upstream_timings(self, client, ex):
-        up = self.upstream_name(ex.upstream)
-        if ex.retries:
-            client.count(f"{up}retries", ex.retries)
-        if ex.upstream_start is None:
-            return          # no response header came back
-        total = f"total:{(time.monotonic() - ex.upstream_start) * 1000.0:.3f}|ms"
-        ttfb = f"ttfb:{ex.upstream_time * 1000.0:.3f}|ms"
-        connect = None if ex.connect_time is None else f"connect:{ex.connect_time * 1000.0:.3f}|ms"
-        sample = client.sample
-        for base in (up, self.backend_name(ex.upstream, ex.backend)):
-            if connect is not None:
-                sample(base + connect)
-            sample(base + ttfb)
-            sample(base + total)
+    def _timers(self, client, ex):
+        """The route's duration and, when a backend answered, the upstream's
+        and the backend's [connect,] ttfb and total: one block of lines from
+        a template built once per route, backend and connect (five float
+        formats in one ``%`` cost a third of five f-strings)."""
+        answered = ex.upstream is not None and ex.upstream_start is not None
+        connected = answered and ex.connect_time is not None
+        key = (ex.route, ex.upstream if answered else None, ex.backend if answered else None, connected)
+        template = self._templates.get(key)
+        if template is None:
+            template = self._templates[key] = self._template(*key)
+        if not template:
+            return
+        values = ((time.time() - ex.start) * 1000.0,) if ex.route is not None else ()
+        if answered:
+            attempt = (ex.upstream_time * 1000.0, (time.monotonic() - ex.upstream_start) * 1000.0)
+            if connected:
+                attempt = (ex.connect_time * 1000.0,) + attempt
+            values += attempt + attempt       # the upstream's, then the backend's
+        client.sample(template % values)
+
+    def _template(self, route, upstream, backend, connected):
+        names = [] if route is None else [self.route_names(route)[1]]
+        if upstream is not None:
+            for base in (self.upstream_name(upstream), self.backend_name(upstream, backend)):
+                names += [base + t for t in ("connect", "ttfb", "total")[0 if connected else 1:]]
+        return "\n".join(f"{name}:%.3f|ms" for name in names)
 
     def attempt_failed(self, upstream, backend, kind, ejected):
         """One failed attempt on ``backend`` (a retry may follow). ``ejected``:
