@@ -13,21 +13,22 @@ Rule 2: metrics never fail or slow a request. The socket is non-blocking
         ECONNREFUSED instead of vanishing. A failed send is dropped and the
         first failure in a process is logged, once. A host that does not
         resolve at start turns metrics off in that process, logged once.
-Rule 3: a request costs no syscall and no lock. ``record`` adds its counts
-        to this worker's sums (a dict item each) and queues its timer
-        samples; every ``flush_interval`` (0.1 s) the worker sends each
-        counter once, as its sum (``name:N|c``: StatsD adds the values of
-        a counter's lines, so Graphite sees the same totals), and the
-        timers, packed into datagrams of ``max_udp_size``; timer samples
-        that fill a datagram go at once. Counts and samples are added by
-        the worker's greenlets and sent by its flusher greenlet, all in
-        one thread, and the flush does not yield, so neither side locks.
-        A worker that exits (TERM, QUIT, max_requests, a reload) sends
-        what it holds (atexit); one killed loses at most one interval.
-        Failed attempts and tunnel events, which are rare, are sent at
-        once. The lines are formatted here from names built once, not
-        through the package's per-metric calls, which cost three times as
-        much (bench/metrics_cost.py).
+Rule 3: counting costs a request no lock and no syscall. ``record`` adds
+        its counts to this worker's sums (a dict item each) and queues its
+        timer lines (one block from a template per route and backend);
+        every ``flush_interval`` (0.1 s) the worker sends each counter
+        once, as its sum (``name:N|c``: StatsD adds the values of a
+        counter's lines, so Graphite sees the same totals), and the timer
+        lines, packed into datagrams of ``max_udp_size``; timer lines that
+        fill a datagram go at once (a send per ~30 requests with 8 KiB).
+        Counts and lines are added by the worker's greenlets and sent by
+        them or its flusher greenlet, all in one thread, and a flush does
+        not yield, so nothing locks. A worker that exits (TERM, QUIT,
+        max_requests, a reload) sends what it holds (atexit); one killed
+        loses at most one interval. Failed attempts and tunnel events,
+        which are rare, are sent at once. The lines are formatted here
+        from names built once, not through the package's per-metric
+        calls, which cost three times as much (bench/metrics_cost.py).
 Rule 4: route, upstream and backend names are sanitised by ``sanitize``:
         every character other than ``A-Z a-z 0-9 _ -`` becomes ``_``, so a
         name is always one Graphite path segment (``127.0.0.1:8081`` ->
