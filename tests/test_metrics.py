@@ -159,6 +159,9 @@ def test_a_stopping_worker_sends_the_sums_it_holds(gproxy, backends, listener, s
             p + "server.bytes_out": sent_out}
     got = settle(lambda: {k: v for k, v in listener.counters(p).items() if k in want}, want, 10)
     assert got == want, got
+    # summed in the worker: one line per counter, not one per request
+    lines = listener.parsed(p + "server.responses.")
+    assert lines == [(p + "server.responses.2xx", "5", "c")], lines
     timers = {k: len(v) for k, v in listener.timers(p + "route.").items()}
     assert timers == {p + "route.main_v1.duration": 5}, timers
 
