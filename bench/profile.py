@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Where a gproxy worker's CPU goes, per proxied request.
 
-    python3 bench/profile.py [--seconds 10] [--proxy gproxy|gproxy-base]
+    python3 bench/profile.py [--seconds 10] [--proxy gproxy|gproxy-base|gproxy-cached]
 
 Starts the bench backend and one gproxy (2 workers), runs wrk (1 KiB, 50
-connections) while ``py-spy record`` samples both workers, then attributes
+connections; with ``gproxy-cached`` every request is a cache hit) while ``py-spy record`` samples both workers, then attributes
 every sample to one part of the request path and converts the shares into
 microseconds per request with the workers' own CPU accounting. A sample goes
 to the first category that matches, walking from the innermost frame out,
@@ -21,6 +21,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402
+from cache_cost import CachedGProxy  # noqa: E402
+
+bench.SERVERS.setdefault(CachedGProxy.name, CachedGProxy)
 
 # (category, substrings of "function (file)" frames), tried in this order
 # on each frame from the innermost outwards.
@@ -29,6 +32,8 @@ CATEGORIES = [
     ("logging", ("accesslog.py", "/logging/", "Exchange.record", "Recorder.record")),
     ("metrics", ("stats.py", "/statsd/")),
     ("routing", ("router.py", "classify_and_route")),
+    ("cache: lookup, serve", ("cache.py", "cachestore.py", "cachepolicy.py")),
+    ("gateway: auth, rate limit", ("gateway.py", "auth.py", "ratestore.py", "ratelimit.py")),
     ("header handling", ("headers.py", "upstream_headers")),
     ("transport: liveness peek", ("Conn.alive",)),
     ("transport: h1 client (send, parse response, body)", ("transport.py", "h1.py")),

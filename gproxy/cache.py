@@ -56,6 +56,49 @@ class Cache:
                                       r.cache.stale_if_error, r.cache.cdn_cache_control)
                       for r in config.routes if r.cache is not None}
 
+    def fresh(self, environ, ex, route, request, start_response):
+        """The common hit, answered before anything is prepared for a
+        backend: a fresh stored response to a GET or HEAD (HIT); None when
+        the request needs the full step (``lookup``), which then decides
+        everything again (a MISS pays a second memo lookup, a few us).
+
+        The rules see the client's fields as ``upstream_headers`` sends
+        them, less those the proxy sets itself (Host, X-Forwarded-*,
+        X-Request-Id): an entry that varies on one of those is left to the
+        full step, as are an Upgrade and a store error (the full step logs
+        it and bypasses: Rule 1)."""
+        if ex.method not in ("GET", "HEAD") or request.upgrade:
+            return None
+        req = P.index(H.strip_hop_by_hop(request.fields, H.REQUEST_DROP))
+        now = time.time()
+        try:
+            entry = self._fresh_entry(cache_key(route, environ, ex), req, now, self.rules[route.name])
+            # a body kept in memory needs no file; else open it now (Plan._open)
+            f = None if entry is None or entry.body is not None else self.store.open_body(entry)
+        except _STORE_ERRORS:
+            return None
+        if entry is None or (f is None and entry.body is None):
+            return None             # nothing fresh, or evicted meanwhile
+        try:
+            self.store.touch(entry, now)
+        except _STORE_ERRORS as e:
+            _store_failed("touch", e)
+        ex.cache_status = "HIT"
+        served = Served(entry.record, req, "HIT", now)
+        return Hit(self.recorder, ex, served, served.body(ex.method, self.store, entry, f),
+                   start_response)
+
+    def _fresh_entry(self, key, req, now, rules):
+        """The stored response ``Plan._choose`` would pick, when it is FRESH."""
+        for entry in self.store.variants(key):
+            vary = entry.record["vary"]
+            if vary and any(n in H.REQUEST_DROP for n, _ in vary):
+                return None
+            decision = P.reuse(entry.record, req, now, rules)
+            if decision != P.MISS:          # its secondary key matched (4.1)
+                return entry if decision == P.FRESH else None
+        return None
+
     def lookup(self, environ, ex, route, fields):
         if route.cache is None:
             return None
@@ -193,7 +236,10 @@ class Plan:
             self.store.touch(self.entry, now)
         except _STORE_ERRORS as e:
             _store_failed("touch", e)
-        return Hit(self, self.entry.record, now, start_response)
+        served = Served(self.entry.record, self.req, self.status, now)
+        body = served.body(ex.method, self.store, self.entry, self.file)
+        self.file = None
+        return Hit(self.cache.recorder, ex, served, body, start_response)
 
     def _revalidate_in_background(self, send):
         lock = self.store.try_lock(self.key)
@@ -282,56 +328,86 @@ def _skey(vary):
 
 class Served:
     """How a stored response is sent: its status line, fields and the span
-    of the body file, given the request (304 to a client precondition that
-    holds, 206 to a byte range, 4.3.2 and RFC 9110 14)."""
+    of the body, given the request's fields ``req`` (304 to a client
+    precondition that holds, 206 to a byte range, 4.3.2 and RFC 9110 14)."""
 
     __slots__ = ("status", "reason", "fields", "start", "length")
 
-    def __init__(self, plan, record, now):
+    def __init__(self, record, req, cache_status, now):
         self.start, self.length = 0, None
-        tail = [("Age", P.age_field(record, now)), ("X-Cache-Status", plan.status)]
-        if P.not_modified(record, plan.req):
+        tail = [("Age", P.age_field(record, now)), ("X-Cache-Status", cache_status)]
+        if P.not_modified(record, req):
             fields = P.not_modified_fields(record)
             self.status, self.reason, self.fields = 304, "Not Modified", fields + tail
             return
-        # stored fields are end-to-end already; the server writes Server (and
-        # the stored Date instead of its own: RFC 9110 6.6.1)
-        fields = [(n, v) for n, v in record["fields"] if n.lower() not in _SERVED_DROP]
         self.status, self.reason = record["status"], record["reason"]
         size = record["size"]
-        span = P.byte_range(record, plan.req)
-        if span is False:
+        span = P.byte_range(record, req) if "range" in req else None
+        if span is None:
+            fields = _whole(record)
+            if self.status not in (204, 304) and self.status >= 200:
+                self.length = size
+        elif span is False:
             self.status, self.reason = 416, "Range Not Satisfiable"
             fields = [("Content-Range", f"bytes */{size}"), ("Content-Length", "0")]
-        elif span is not None:
+        else:
             first, last = span
             self.status, self.reason = 206, "Partial Content"
             self.start, self.length = first, last - first + 1
-            fields += [("Content-Range", f"bytes {first}-{last}/{size}"),
-                       ("Content-Length", str(self.length))]
-        elif self.status not in (204, 304) and self.status >= 200:
-            self.length = size
-            fields.append(("Content-Length", str(size)))
+            fields = _end_to_end(record) + [("Content-Range", f"bytes {first}-{last}/{size}"),
+                                            ("Content-Length", str(self.length))]
         self.fields = fields + tail
 
-    def open(self, plan):
-        """The body file positioned at the span, or None when there is no body."""
-        f, plan.file = plan.file, None
-        if plan.ex.method == "HEAD" or not self.length:
+    def body(self, method, store, entry, f):
+        """The span to send: bytes when the body is kept in memory
+        (cachestore Rule 5), else ``f`` (or the entry's file, opened now)
+        positioned at it; None when there is no body."""
+        if method == "HEAD" or not self.length or entry.body is not None:
             if f is not None:
                 f.close()
-            return None
+            if method == "HEAD" or not self.length:
+                return None
+            return entry.body[self.start:self.start + self.length]
         if f is None:
-            f = plan.store.open_body(plan.entry)
+            f = store.open_body(entry)
         if f is not None and self.start:
             f.seek(self.start)
         return f
 
 
-def read_span(f, length):
-    """The body in large reads, at most ``length`` bytes."""
-    while f is not None and length > 0:
-        piece = f.read(min(READ_SIZE, length))
+def _whole(record):
+    """The fields of the whole stored response, Content-Length included
+    (kept in the record, as ``_end_to_end``)."""
+    fields = record.get("_whole")
+    if fields is None:
+        fields = _end_to_end(record)
+        status = record["status"]
+        if status not in (204, 304) and status >= 200:
+            fields = fields + [("Content-Length", str(record["size"]))]
+        fields = record["_whole"] = fields
+    return fields
+
+
+def _end_to_end(record):
+    """The stored fields a stored response is served with, kept in the
+    record ("_" keys are never stored): they are end-to-end already; the
+    server writes Server (and the stored Date instead of its own: RFC 9110
+    6.6.1)."""
+    fields = record.get("_served")
+    if fields is None:
+        fields = record["_served"] = [(n, v) for n, v in record["fields"]
+                                      if n.lower() not in _SERVED_DROP]
+    return fields
+
+
+def read_span(body, length):
+    """The body (bytes, or a file read in large reads), at most ``length`` bytes."""
+    if isinstance(body, bytes):
+        if body:
+            yield body
+        return
+    while body is not None and length > 0:
+        piece = body.read(min(READ_SIZE, length))
         if not piece:
             return
         length -= len(piece)
@@ -340,27 +416,27 @@ def read_span(f, length):
 
 class Hit:
     """A response served from the store without touching a backend; its
-    ``close()`` writes the access log."""
+    ``close()`` writes the access log. A body kept in memory goes out with
+    the head in one send (the server's rule 5)."""
 
-    __slots__ = ("plan", "file", "length")
+    __slots__ = ("recorder", "ex", "body", "length")
 
-    def __init__(self, plan, record, now, start_response):
-        self.plan = plan
-        served = Served(plan, record, now)
-        plan.ex.status = served.status
-        self.file, self.length = served.open(plan), served.length
+    def __init__(self, recorder, ex, served, body, start_response):
+        self.recorder, self.ex = recorder, ex
+        ex.status = served.status
+        self.body, self.length = body, served.length
         start_response(f"{served.status} {served.reason}", served.fields)
 
     def __iter__(self):
-        ex = self.plan.ex
-        for piece in read_span(self.file, self.length or 0):
+        ex = self.ex
+        for piece in read_span(self.body, self.length or 0):
             ex.bytes_out += len(piece)
             yield piece
 
     def close(self):
-        if self.file is not None:
-            self.file.close()
-        self.plan.cache.recorder.record(self.plan.ex)
+        if self.body is not None and not isinstance(self.body, bytes):
+            self.body.close()
+        self.recorder.record(self.ex)
 
 
 class Relayed:
@@ -460,9 +536,10 @@ class FromStore:
         self.plan, self.upstream = plan, upstream
         self.connect_time = upstream.connect_time
         self.completed = False
-        served = Served(plan, record, now)
+        served = Served(record, plan.req, plan.status, now)
         self.status, self.reason, self.headers = served.status, served.reason, served.fields
-        self.file, self.length = served.open(plan), served.length
+        self.file, self.length = served.body(plan.ex.method, plan.store, plan.entry, plan.file), served.length
+        plan.file = None
 
     def body(self):
         for _ in self.upstream.body():      # read to its end: the connection stays reusable
@@ -471,7 +548,7 @@ class FromStore:
         self.completed = True
 
     def discard(self):
-        if self.file is not None:
+        if self.file is not None and not isinstance(self.file, bytes):
             self.file.close()
         self.plan.release()
 

@@ -286,7 +286,18 @@ def age_value(resp_fields):
 # --- freshness and age (4.2) -----------------------------------------------
 
 def freshness_lifetime(entry, default_ttl=None, cdn=True):
-    """Seconds the stored response is fresh for (4.2.1)."""
+    """Seconds the stored response is fresh for (4.2.1); kept in the record
+    per route setting, as it depends on nothing else."""
+    memo = entry.get("_lifetime")
+    if memo is None:
+        memo = entry["_lifetime"] = {}
+    lifetime = memo.get((default_ttl, cdn))
+    if lifetime is None:
+        lifetime = memo[(default_ttl, cdn)] = _lifetime(entry, default_ttl, cdn)
+    return lifetime
+
+
+def _lifetime(entry, default_ttl, cdn):
     fields = _ix(entry)
     cc = _entry_cc(entry, cdn)
     for name in ("s-maxage", "max-age"):
@@ -319,11 +330,12 @@ def _date(entry):
 
 
 def current_age(entry, now):
-    """4.2.3."""
-    date = _date(entry)
-    apparent = max(0.0, entry["response_time"] - date)
-    delay = entry["response_time"] - entry["request_time"]
-    initial = max(apparent, entry["age_value"] + delay)
+    """4.2.3 (the corrected initial age is kept in the record)."""
+    initial = entry.get("_initial_age")
+    if initial is None:
+        apparent = max(0.0, entry["response_time"] - _date(entry))
+        delay = entry["response_time"] - entry["request_time"]
+        initial = entry["_initial_age"] = max(apparent, entry["age_value"] + delay)
     return initial + max(0.0, now - entry["response_time"])
 
 
@@ -346,8 +358,9 @@ class Route:
 
 
 def request_directives(req_fields):
-    cc = directives(field(req_fields, "cache-control"))
-    if field(req_fields, "cache-control") is None:
+    value = field(req_fields, "cache-control")
+    cc = directives(value)
+    if value is None:
         pragma = field(req_fields, "pragma")
         if pragma and "no-cache" in directives(pragma):
             cc["no-cache"] = None       # 5.4: Pragma only without Cache-Control
@@ -427,6 +440,8 @@ def not_modified(entry, req_fields):
     """Does the client's own precondition hold for the stored response, so
     that a 304 answers it (4.3.2; RFC 9110 13.1.2 and 13.1.3)?"""
     inm = field(req_fields, "if-none-match")
+    if inm is None and not field(req_fields, "if-modified-since"):
+        return False
     if inm is not None:
         etag = field(_ix(entry), "etag")
         if etag is None:

@@ -127,6 +127,10 @@ class ProxyApp:
                 return self.forward_proxy(request, start_response, ex)
             up = self.upstreams[route.upstream]
             body = self.admit(request, route, ex)
+            if route.cache is not None and body is None:    # a fresh hit is answered here
+                hit = self.cache.fresh(environ, ex, route, request, start_response)
+                if hit is not None:
+                    return hit
             fields = self.upstream_headers(environ, request, ex, up)
             key = self.hash_key(environ, ex, up)
             if self.upgrades.requested(environ):    # WebSocket: a tunnel after the 101
