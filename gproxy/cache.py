@@ -94,6 +94,8 @@ class Cache:
             vary = entry.record["vary"]
             if vary and any(n in H.REQUEST_DROP for n, _ in vary):
                 return None
+            if not vary and not any(f in req for f in P.REUSE_FIELDS):
+                return entry if now < P.fresh_until(entry.record, rules) else None
             decision = P.reuse(entry.record, req, now, rules)
             if decision != P.MISS:          # its secondary key matched (4.1)
                 return entry if decision == P.FRESH else None
@@ -428,6 +430,13 @@ class Hit:
         start_response(f"{served.status} {served.reason}", served.fields)
 
     def __iter__(self):
+        body = self.body
+        if isinstance(body, bytes):     # one piece: no generator to run
+            self.ex.bytes_out += len(body)
+            return iter((body,))
+        return self._pieces()
+
+    def _pieces(self):
         ex = self.ex
         for piece in read_span(self.body, self.length or 0):
             ex.bytes_out += len(piece)

@@ -262,6 +262,8 @@ def _normal(value):
 
 
 def vary_matches(stored_vary, req_fields):
+    if not stored_vary:
+        return True
     return all(_normal(field(req_fields, n)) == v for n, v in stored_vary)
 
 
@@ -398,6 +400,32 @@ def reuse(entry, req_fields, now, route):
     if staleness < swr:
         return UPDATING
     return REVALIDATE
+
+
+# The request fields ``reuse`` reads besides the Vary ones; a request with
+# none of them is "plain" (most are), and a 304 or 206 needs one.
+REUSE_FIELDS = ("cache-control", "pragma", "if-none-match", "if-modified-since", "range")
+
+
+def fresh_until(entry, route):
+    """Until when ``reuse`` says FRESH to a plain request (none of
+    ``REUSE_FIELDS``) whose secondary key matches: the same rules with the
+    request's part empty, kept in the record per route setting. -inf when
+    never (``no-cache``, or the response arrived stale)."""
+    memo = entry.get("_fresh_until")
+    if memo is None:
+        memo = entry["_fresh_until"] = {}
+    key = (route.default_ttl, route.cdn)
+    until = memo.get(key)
+    if until is None:
+        lifetime = freshness_lifetime(entry, route.default_ttl, route.cdn)
+        initial = current_age(entry, entry["response_time"])
+        if "no-cache" in _entry_cc(entry, route.cdn) or initial >= lifetime:
+            until = float("-inf")
+        else:
+            until = entry["response_time"] + lifetime - initial
+        memo[key] = until
+    return until
 
 
 def _no_stale(cc):

@@ -94,7 +94,7 @@ class Store:
 
     @property
     def db(self):
-        if self._pid != os.getpid():
+        if self._pid != _PID[0]:
             self._open()
         return self._db
 
@@ -331,6 +331,11 @@ class _write:
 
 
 _GEN = struct.Struct("=Q")
+
+# This process's pid, kept current across fork: os.getpid() is a system
+# call, and ``Store.db`` asks on every lookup.
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 
 def _counter(path):

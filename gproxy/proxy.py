@@ -12,7 +12,7 @@ everything below, take the ``downstream.Request``.
 """
 
 import time
-from random import getrandbits
+from random import randbytes
 
 from . import cache as _cache, downstream, errors, exchange, forward as _forward, gateway, headers as H, instance, observe, stats
 from . import upgrade as _upgrade
@@ -224,7 +224,7 @@ def request_id(environ):
     rid = environ.get("HTTP_X_REQUEST_ID", "")
     if 0 < len(rid) <= 128 and all(c in _TOKEN_OK for c in rid):
         return rid
-    return f"{getrandbits(96):024x}"    # random reseeds in each worker after fork
+    return randbytes(12).hex()      # random reseeds in each worker after fork
 
 
 def _split_absolute(target):

@@ -86,6 +86,10 @@ REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
 _date = [0, b""]
 
 
+def _unsafe(text):
+    return "\r" in text or "\n" in text or "\0" in text
+
+
 def http_date(now=None):
     """The Date header value, formatted once per second."""
     now = int(time.time() if now is None else now)
@@ -509,21 +513,19 @@ class Response:
         if exc_info is not None and self.head_sent:
             raise exc_info[1].with_traceback(exc_info[2])
         code = int(status[:3])
-        joined = status + "".join(n + v for n, v in headers)
-        if "\r" in joined or "\n" in joined or "\0" in joined:
-            raise ValueError("CR, LF or NUL in a response header")
         request = self.request
         self.status = code
         self.no_body = request.method == "HEAD" or code < 200 or code in NO_BODY_STATUS
         length = date = None
         out = ["\r\n"]
         for name, value in headers:
-            if len(name) == 14 and name.lower() == "content-length":
+            n = len(name)
+            if n == 14 and name.lower() == "content-length":
                 length = int(value)
-            elif len(name) == 4 and name.lower() == "date":
+            elif n == 4 and name.lower() == "date":
                 date = value    # a stored response keeps its Date (RFC 9110 6.6.1: caches)
                 continue
-            out += (name, ": ", value, "\r\n")
+            out.append(f"{name}: {value}\r\n")
         self.length = length
         self.chunked = length is None and not self.no_body and request.version == "HTTP/1.1"
         keep = request.keep_alive and self.conn.worker.alive and not self.conn.upgraded \
@@ -539,7 +541,13 @@ class Response:
         elif request.version == "HTTP/1.0":
             out.append("Connection: keep-alive\r\n")
         out.append("\r\n")
-        lines.append("".join(out).encode("latin-1"))
+        block = "".join(out)
+        # every item of ``out`` is one line: a CR, LF or NUL inside a name or
+        # value shows as more of them than lines (one scan each, in C)
+        if block.count("\r") != len(out) or block.count("\n") != len(out) or "\0" in block \
+                or _unsafe(status) or (date is not None and _unsafe(date)):
+            raise ValueError("CR, LF or NUL in a response header")
+        lines.append(block.encode("latin-1"))
         self.head = b"".join(lines)
         return self.write
 

@@ -110,6 +110,28 @@ def test_fresh_then_stale_then_revalidate():
     ])
 
 
+@pytest.mark.parametrize("fields, t, route", [
+    ([("Cache-Control", "max-age=10")], T0, ROUTE),
+    ([("Cache-Control", "max-age=10"), ("Age", "4")], T0, ROUTE),
+    ([("Cache-Control", "max-age=10"), ("Age", "40")], T0, ROUTE),       # arrived stale
+    ([("Cache-Control", "max-age=10, no-cache")], T0, ROUTE),
+    ([("Cache-Control", "s-maxage=20, max-age=5")], T0, ROUTE),
+    ([("Expires", "Tue, 14 Nov 2023 22:13:50 GMT")], T0 + 3, ROUTE),    # received 3 s after Date
+    ([("CDN-Cache-Control", "max-age=30"), ("Cache-Control", "max-age=5")], T0, ROUTE),
+    ([("CDN-Cache-Control", "max-age=30"), ("Cache-Control", "max-age=5")], T0, P.Route(cdn=False)),
+    ([], T0, P.Route(default_ttl=15.0)),
+    ([("Last-Modified", "Tue, 14 Nov 2023 21:13:20 GMT")], T0, ROUTE),   # heuristic: 360 s
+])
+def test_fresh_until_is_what_reuse_says_to_a_plain_request(fields, t, route):
+    e = P.stored(200, "OK", [("Date", DATE)] + fields, t - 1, t, 4, [])
+    until = P.fresh_until(e, route)
+    for dt in (-5, 0, 1, 2, 4, 5, 6, 9, 10, 11, 14, 15, 16, 19, 20, 21, 26, 27, 28, 29, 30, 31,
+               359, 360, 361, 400):
+        now = t + dt
+        want = P.reuse(e, {}, now, route) == P.FRESH
+        assert (now < until) == want, f"at +{dt}s: fresh_until {until - t:+}s, reuse fresh: {want}"
+
+
 def test_stale_while_revalidate_and_what_forbids_stale():
     transcript(store([("Cache-Control", "max-age=10, stale-while-revalidate=20")]), [
         (5, [], P.FRESH), (15, [], P.UPDATING), (31, [], P.REVALIDATE)])
