@@ -94,7 +94,7 @@ class Cache:
             vary = entry.record["vary"]
             if vary and any(n in H.REQUEST_DROP for n, _ in vary):
                 return None
-            if not vary and not any(f in req for f in P.REUSE_FIELDS):
+            if not vary and req.keys().isdisjoint(P.REUSE_FIELDS):
                 return entry if now < P.fresh_until(entry.record, rules) else None
             decision = P.reuse(entry.record, req, now, rules)
             if decision != P.MISS:          # its secondary key matched (4.1)

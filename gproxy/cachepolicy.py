@@ -404,7 +404,7 @@ def reuse(entry, req_fields, now, route):
 
 # The request fields ``reuse`` reads besides the Vary ones; a request with
 # none of them is "plain" (most are), and a 304 or 206 needs one.
-REUSE_FIELDS = ("cache-control", "pragma", "if-none-match", "if-modified-since", "range")
+REUSE_FIELDS = frozenset(("cache-control", "pragma", "if-none-match", "if-modified-since", "range"))
 
 
 def fresh_until(entry, route):

@@ -119,7 +119,7 @@ class Request:
         self.hosts, self.tes = hosts, tes
         self.chunked = tes > 0
         self.content_length = int(cl) if cl is not None else None
-        tokens = {t.strip() for t in conn_tokens.split(",")}
+        tokens = {t.strip() for t in conn_tokens.split(",")} if conn_tokens else ()
         if self.version == "HTTP/1.1":
             self.keep_alive = "close" not in tokens            # RFC 9112 9.3
         else:

@@ -129,7 +129,9 @@ class ProxyApp:
             body = self.admit(request, route, ex)
             if route.cache is not None and body is None:    # a fresh hit is answered here
                 hit = self.cache.fresh(environ, ex, route, request, start_response)
-                if hit is not None:
+                if hit is not None:     # logged as upstream_headers would have it
+                    ex.client = H.client_address(environ.get("HTTP_X_FORWARDED_FOR"), ex.client,
+                                                 self.is_trusted)
                     return hit
             fields = self.upstream_headers(environ, request, ex, up)
             key = self.hash_key(environ, ex, up)

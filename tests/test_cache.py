@@ -429,6 +429,23 @@ def test_status_is_in_the_access_log_and_statsd(gproxy, origin, tmp_path):
     listener.close()
 
 
+def test_a_hit_still_passes_the_rate_limit_and_logs_the_client_after_trusted_proxies(
+        gproxy, origin, tmp_path):
+    """A fresh hit is answered early (right after the gateway), not before it."""
+    origin.routes["/r"] = (200, [("Cache-Control", "max-age=60")], b"r")
+    g = gproxy(conf(origin, tmp_path / "c", top='trusted_proxies: ["127.0.0.1/32"]',
+                    route="cache: true, rate_limit: {rate: 1/m, burst: 1, key: client_ip}"))
+    got = [get(g, "/r", headers={"X-Forwarded-For": "198.51.100.7", "X-Request-Id": f"q{i}"})
+           for i in range(3)]
+    assert [(s, h.get("x-cache-status")) for s, h, _ in got] == [(200, "MISS"), (200, "HIT"), (429, None)], got
+    assert origin.count("/r") == 1
+    assert get(g, "/r", headers={"X-Forwarded-For": "198.51.100.8"})[1]["x-cache-status"] == "HIT"
+    recs = {r["request_id"]: r for r in g.access_records(at_least=4)}
+    hit = recs["q1"]
+    assert (hit["cache_status"], hit["client"], hit["status"]) == ("HIT", "198.51.100.7", 200), hit
+    assert (recs["q2"]["status"], recs["q2"]["reason"]) == (429, "rate_limit"), recs["q2"]
+
+
 def test_bad_cache_config_names_the_key(tmp_path):
     from gproxy import config
     from gproxy.errors import ConfigError
