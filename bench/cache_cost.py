@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the cache costs and saves, on this machine, in one run.
 
-    python3 bench/cache_cost.py [--seconds 5] [--reps 3]
+    python3 bench/cache_cost.py [--seconds 5] [--reps 3] [--baseline DIR]
 
 One nginx backend serving a 1 KiB file, two gproxy processes (2 workers
 each, no access log): ``gproxy`` with a plain route and ``gproxy-cached``
@@ -15,7 +15,9 @@ wrk, 50 connections, interleaved, medians of ``--reps``:
                the store (max_size 64 MB, so eviction runs too)
 
 Reports req/s and the proxy's CPU microseconds per request (user + system
-of the whole process tree, from /proc). Processes are stopped by pid; every
+of the whole process tree, from /proc). ``--baseline DIR`` (a checkout, e.g.
+``git archive`` of the commit before a change) adds ``proxied-base`` and
+``hit-base``: the same two cases with that checkout's gproxy, in the same run. Processes are stopped by pid; every
 load is bounded by wrk -d and goes to 127.0.0.1.
 """
 
@@ -58,6 +60,10 @@ class CachedGProxy(R.GProxy):
         return cmd
 
 
+class CachedGProxyBase(CachedGProxy):
+    name = "gproxy-cached-base"
+
+
 def unique_wrk(port, conns, seconds, workdir):
     """wrk with a new query string per request (R.wrk's report, plus a request fn)."""
     script = os.path.join(workdir, "unique.lua")
@@ -86,6 +92,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=int, default=5)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--baseline", metavar="DIR", help="also measure this checkout's gproxy")
     args = p.parse_args()
     R.ensure_tools()
     workdir = R.make_workdir("gproxy-cache-bench-")
@@ -94,13 +101,19 @@ def main():
         backend = R.Backend(workdir).start()
         plain = R.GProxy(workdir, backend.port).start()
         cached = CachedGProxy(workdir, backend.port).start()
-        R.wrk(plain.port, "/1k", 50, 1, workdir)
-        R.wrk(cached.port, "/1k", 50, 1, workdir)      # stores /1k
+        cases = [("proxied", plain, "/1k"), ("hit", cached, "/1k"), ("miss", cached, None)]
+        if args.baseline:
+            R.GProxyBase.repo = CachedGProxyBase.repo = os.path.abspath(args.baseline)
+            cases += [("proxied-base", R.GProxyBase(workdir, backend.port).start(), "/1k"),
+                      ("hit-base", CachedGProxyBase(workdir, backend.port).start(), "/1k")]
+        for _, server, path in cases:
+            if path:
+                R.wrk(server.port, path, 50, 1, workdir)    # warm; the cached ones store /1k
         for rep in range(args.reps):
             print(f"repetition {rep + 1}/{args.reps}", file=sys.stderr)
-            runs["proxied"].append(measure(plain, args.seconds, workdir))
-            runs["hit"].append(measure(cached, args.seconds, workdir))
-            runs["miss"].append(measure(cached, args.seconds, workdir, unique=True))
+            for case, server, path in cases:
+                runs.setdefault(case, []).append(measure(server, args.seconds, workdir,
+                                                         unique=path is None))
     finally:
         R.stop_all()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -110,9 +123,12 @@ def main():
         summary[case] = {k: statistics.median(r[k] for r in rs) for k in ("rps", "cpu_us_per_req", "errors")}
         s = summary[case]
         print(f"| {case} | {s['rps']:.0f} | {s['cpu_us_per_req']:.0f} | {s['errors']:.0f} |")
-    hit, proxied = summary["hit"], summary["proxied"]
-    print(f"\nhit CPU / proxied CPU = {hit['cpu_us_per_req'] / proxied['cpu_us_per_req']:.2f} (target <= 0.5); "
-          f"hit req/s / proxied req/s = {hit['rps'] / proxied['rps']:.2f} (target >= 2)")
+    print()
+    for suffix in ("", "-base") if args.baseline else ("",):
+        hit, proxied = summary["hit" + suffix], summary["proxied" + suffix]
+        print(f"{'baseline: ' if suffix else ''}hit CPU / proxied CPU = "
+              f"{hit['cpu_us_per_req'] / proxied['cpu_us_per_req']:.2f} (target <= 0.5); "
+              f"hit req/s / proxied req/s = {hit['rps'] / proxied['rps']:.2f} (target >= 2)")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ class Cache:
         except _STORE_ERRORS as e:
             _store_failed("touch", e)
         ex.cache_status = "HIT"
-        served = Served(entry.record, req, "HIT", now)
+        served = Served(entry.record, req, "HIT", now, req.keys().isdisjoint(P.REUSE_FIELDS))
         return Hit(self.recorder, ex, served, served.body(ex.method, self.store, entry, f),
                    start_response)
 
@@ -335,19 +335,20 @@ class Served:
 
     __slots__ = ("status", "reason", "fields", "start", "length")
 
-    def __init__(self, record, req, cache_status, now):
+    def __init__(self, record, req, cache_status, now, plain=False):
         self.start, self.length = 0, None
         tail = [("Age", P.age_field(record, now)), ("X-Cache-Status", cache_status)]
-        if P.not_modified(record, req):
+        # plain: the request has no precondition and no range (REUSE_FIELDS)
+        if not plain and P.not_modified(record, req):
             fields = P.not_modified_fields(record)
             self.status, self.reason, self.fields = 304, "Not Modified", fields + tail
             return
         self.status, self.reason = record["status"], record["reason"]
         size = record["size"]
-        span = P.byte_range(record, req) if "range" in req else None
+        span = None if plain or "range" not in req else P.byte_range(record, req)
         if span is None:
             fields = _whole(record)
-            if self.status not in (204, 304) and self.status >= 200:
+            if _has_body(self.status):
                 self.length = size
         elif span is False:
             self.status, self.reason = 416, "Range Not Satisfiable"
@@ -383,11 +384,14 @@ def _whole(record):
     fields = record.get("_whole")
     if fields is None:
         fields = _end_to_end(record)
-        status = record["status"]
-        if status not in (204, 304) and status >= 200:
+        if _has_body(record["status"]):
             fields = fields + [("Content-Length", str(record["size"]))]
         fields = record["_whole"] = fields
     return fields
+
+
+def _has_body(status):
+    return status >= 200 and status not in (204, 304)
 
 
 def _end_to_end(record):

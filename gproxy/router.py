@@ -9,6 +9,9 @@ No match is a 404 (``errors.NoRoute``), decided by the caller.
 """
 
 
+HOSTS_KEPT = 1024       # distinct Host values whose split is remembered
+
+
 def split_host(host_header):
     """``Example.COM:8080`` -> ``example.com``; ``[::1]:80`` -> ``[::1]``."""
     if not host_header:
@@ -27,6 +30,7 @@ class Router:
         self.exact = {}     # host -> [route]
         self.wildcard = []  # (suffix, [route]) longest suffix first
         self.anyhost = []
+        self._hosts = {}    # Host header -> split_host of it: a few values repeat
         wild = {}
         for r in routes:
             if r.host is None:
@@ -45,7 +49,11 @@ class Router:
 
     def match(self, host, path, method):
         """The route for (Host header, raw path, method), or None."""
-        h = split_host(host)
+        h = self._hosts.get(host)
+        if h is None:
+            h = split_host(host)
+            if len(self._hosts) < HOSTS_KEPT:
+                self._hosts[host] = h
         groups = []
         if h in self.exact:
             groups.append(self.exact[h])

@@ -343,8 +343,10 @@ class Connection:
     def recv(self, timeout):
         """Bytes from the client, or b"" at its end; socket.timeout after
         ``timeout`` seconds."""
-        self.sock.settimeout(timeout)
-        return self.sock.recv(RECV)
+        sock = self.sock
+        if sock.timeout != timeout:     # mostly the same; gevent's settimeout is Python code
+            sock.settimeout(timeout)
+        return sock.recv(RECV)
 
     def next_request(self):
         """The next request whose head is complete; PARK when the connection
