@@ -1,6 +1,9 @@
 """The cache step of a reverse-proxied request: look up, serve, revalidate,
 store while streaming, invalidate.
 
+    hit = cache.fresh(environ, ex, route, request, start_response)
+    if hit is not None:                                 # HIT, answered after the gateway
+        return hit
     plan = cache.lookup(environ, ex, route, fields)     # None: not a cached route
     sent = plan.forward(send)                           # MISS, EXPIRED, REVALIDATED, BYPASS
     if sent is None:                                    # HIT, STALE, UPDATING, 504

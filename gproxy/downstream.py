@@ -201,21 +201,15 @@ class Request:
         env = self._environ
         if env is not None:
             return env
-        env = self._environ = BASE_ENVIRON.copy()
+        conn = self.conn
+        base = conn.environ_base
+        if base is None:
+            base = conn.environ_base = _connection_environ(conn)
+        env = self._environ = base.copy()
         target = self.target
         path, _, query = target.partition("?")
         if not path.startswith("/") and "://" in path:
             path = "/" + path.split("://", 1)[1].partition("/")[2]   # absolute-form
-        server = self.conn.server
-        if isinstance(server, tuple):
-            env["SERVER_NAME"], env["SERVER_PORT"] = str(server[0]), str(server[1])
-        else:
-            env["SERVER_NAME"], env["SERVER_PORT"] = str(server), ""
-        addr = self.conn.addr
-        if isinstance(addr, tuple):
-            env["REMOTE_ADDR"], env["REMOTE_PORT"] = addr[0], str(addr[1])
-        else:
-            env["REMOTE_ADDR"] = "-"
         env["REQUEST_METHOD"] = self.method
         env["RAW_URI"] = target
         env["PATH_INFO"] = _decode_path(path)
@@ -235,6 +229,23 @@ class Request:
         env["wsgi.input_terminated"] = True
         env["gproxy.downstream"] = self
         return env
+
+
+def _connection_environ(conn):
+    """What every request's environ on one connection starts with (kept by
+    the server's Connection, copied per request)."""
+    env = BASE_ENVIRON.copy()
+    server = conn.server
+    if isinstance(server, tuple):
+        env["SERVER_NAME"], env["SERVER_PORT"] = str(server[0]), str(server[1])
+    else:
+        env["SERVER_NAME"], env["SERVER_PORT"] = str(server), ""
+    addr = conn.addr
+    if isinstance(addr, tuple):
+        env["REMOTE_ADDR"], env["REMOTE_PORT"] = addr[0], str(addr[1])
+    else:
+        env["REMOTE_ADDR"] = "-"
+    return env
 
 
 class Input:

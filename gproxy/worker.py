@@ -256,7 +256,7 @@ class Connection:
 
     __slots__ = ("worker", "sock", "addr", "server", "limits", "parser", "ready",
                  "parsing", "error", "rest", "upgraded", "closed", "head_bytes", "head_fed",
-                 "idle_since", "watcher")
+                 "idle_since", "watcher", "environ_base")
 
     def __init__(self, worker, listener, sock, addr):
         self.worker = worker
@@ -275,6 +275,7 @@ class Connection:
         self.head_fed = 0                   # fed while that head was unfinished
         self.idle_since = time.monotonic()  # waiting for a request since
         self.watcher = None                 # readable-watcher while parked
+        self.environ_base = None            # downstream: this connection's part of an environ
 
     # -- llhttp callbacks (errors are raised as Refused and kept in .error) ----
 
