@@ -86,6 +86,9 @@ REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
 _date = [0, b""]
 
 
+_FIRST_LINES = {}    # status line -> the head's first bytes (a few statuses recur)
+
+
 def _unsafe(text):
     return "\r" in text or "\n" in text or "\0" in text
 
@@ -534,8 +537,12 @@ class Response:
         keep = request.keep_alive and self.conn.worker.alive and not self.conn.upgraded \
             and (length is not None or self.chunked or self.no_body)
         self.keep = keep
-        lines = [f"HTTP/1.1 {status}\r\nServer: {SERVER}\r\nDate: ".encode("latin-1"),
-                 http_date() if date is None else date.encode("latin-1")]
+        first = _FIRST_LINES.get(status)
+        if first is None:
+            first = f"HTTP/1.1 {status}\r\nServer: {SERVER}\r\nDate: ".encode("latin-1")
+            if len(_FIRST_LINES) < 256 and not _unsafe(status):
+                _FIRST_LINES[status] = first
+        lines = [first, http_date() if date is None else date.encode("latin-1")]
         if self.chunked:
             out.append("Transfer-Encoding: chunked\r\n")
         if not keep or not request.complete:
