@@ -357,6 +357,13 @@ class GProxyBare(GProxy):
     extra = "live_stats: {enabled: false}"
 
 
+class GProxyQuiet(GProxy):
+    """The three outputs off (StatsD, /metrics, the access log); the live
+    counters stay on, as by default, for /status and the global least_conn."""
+    name = "gproxy-quiet"
+    extra = "live_stats: {prometheus: false}"
+
+
 class GProxyObserved(GProxy):
     """StatsD (to a UDP sink in this process), the live figures with
     /metrics, and the JSON access log to a file."""
@@ -413,7 +420,7 @@ def statsd_sink():
     return _SINK[0]
 
 
-SERVERS = {c.name: c for c in (GProxy, GProxyBase, GProxyBare, GProxyObserved, GProxyObservedRemote,
+SERVERS = {c.name: c for c in (GProxy, GProxyBase, GProxyBare, GProxyQuiet, GProxyObserved, GProxyObservedRemote,
                                   GProxyObservedBuffered, Nginx, HAProxy)}
 
 
