@@ -211,6 +211,16 @@ class Plan:
             self.release()
             self.answer = P.FRESH
 
+    def _refreshed(self):
+        """True when the entry this request matches is fresh now (another
+        request, in any worker, refreshed it since ``look``); leaves the
+        chosen entry as it is."""
+        now = time.time()
+        for entry in self.store.variants(self.key):
+            if P.vary_matches(entry.record["vary"], self.req):
+                return P.reuse(entry.record, self.req, now, self.rules) == P.FRESH
+        return False
+
     def _open(self):
         """Open the chosen entry's body now, so that a hit never promises a
         body that eviction took away meanwhile (cachestore Rule 2)."""
@@ -250,6 +260,9 @@ class Plan:
         lock = self.store.try_lock(self.key)
         if lock is None:
             return      # somebody is already at it
+        if self._refreshed():
+            lock.close()    # ... and was done between this lookup and the lock
+            return
         bg = copy.copy(self)    # its own state: this request is being served meanwhile
         bg.ex, bg.file = copy.copy(self.ex), None
         t = threading.Thread(target=_background_revalidation, name="cache_revalidate",
