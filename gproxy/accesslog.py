@@ -47,6 +47,11 @@ class _Gathering:
     limit = 0           # bytes; 0: every line is written at once (Rule 1)
 
     def gather(self, line):
+        """Write ``line`` now (no ``limit``: Rule 1), or hold it until the
+        held lines fill ``limit`` (Rule 3)."""
+        if not self.limit:
+            self.write_out(line + "\n")
+            return
         self.lines.append(line)
         self.size += len(line) + 1
         if self.size >= self.limit:
@@ -56,7 +61,9 @@ class _Gathering:
         if not self.lines:
             return
         lines, self.lines, self.size = self.lines, [], 0
-        data = "\n".join(lines) + "\n"
+        self.write_out("\n".join(lines) + "\n")
+
+    def write_out(self, data):
         if self.stream is None:         # a file closed at exit, written to late
             self.stream = self._open()
         try:
@@ -216,16 +223,9 @@ def access(line):
     h = _out
     if h is None or ACCESS.disabled:
         return
-    if h.limit:
-        h.gather(line)
-        return
-    if isinstance(h, logging.handlers.WatchedFileHandler):
-        now = time.monotonic()
+    if not h.limit and isinstance(h, logging.handlers.WatchedFileHandler):
+        now = time.monotonic()      # gathering, the timer looks (_flush_every)
         if now >= _check_at:
             _check_at = now + CHECK_EVERY
             h.reopenIfNeeded()
-    try:
-        h.stream.write(line + "\n")
-        h.stream.flush()
-    except ValueError:      # closed by a USR1 reopen that ran between the two
-        h.emit(logging.makeLogRecord({"msg": line}))
+    h.gather(line)

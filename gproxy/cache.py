@@ -189,14 +189,17 @@ class Plan:
             self.answer = "gateway_timeout"     # 5.2.1.7: 504 rather than go upstream
             self.status = "MISS"
 
-    def _choose(self, now=None):
-        now = time.time() if now is None else now
-        self.entry = None
+    def _match(self, now):
+        """The stored response this request's secondary key matches and what
+        ``reuse`` says of it; (None, MISS) when there is none."""
         for entry in self.store.variants(self.key):
             if P.vary_matches(entry.record["vary"], self.req):
-                self.entry = entry
-                return P.reuse(entry.record, self.req, now, self.rules)
-        return P.MISS
+                return entry, P.reuse(entry.record, self.req, now, self.rules)
+        return None, P.MISS
+
+    def _choose(self):
+        self.entry, decision = self._match(time.time())
+        return decision
 
     def _wait_for_lock(self):
         deadline = time.monotonic() + self.cache.cfg.lock_timeout
@@ -215,11 +218,7 @@ class Plan:
         """True when the entry this request matches is fresh now (another
         request, in any worker, refreshed it since ``look``); leaves the
         chosen entry as it is."""
-        now = time.time()
-        for entry in self.store.variants(self.key):
-            if P.vary_matches(entry.record["vary"], self.req):
-                return P.reuse(entry.record, self.req, now, self.rules) == P.FRESH
-        return False
+        return self._match(time.time())[1] == P.FRESH
 
     def _open(self):
         """Open the chosen entry's body now, so that a hit never promises a

@@ -908,7 +908,7 @@ TOP = {
     "tunnel": tunnel,
     "error_log": lambda d, v, p: ErrorLog(**fields(d, v, p, {
         "format": one_of(ERROR_LOG_FORMATS), "path": string, "level": one_of(LOG_LEVELS)})),
-    "statsd": lambda d, v, p: statsd(d, v, p),
+    "statsd": statsd,
     "admin": lambda d, v, p: Admin(**fields(d, v, p, {
         "listen": tcp_address, "allow": networks})),
     "supervisor": lambda d, v, p: Supervisor(**fields(d, v, p, {"stale_after": duration})),

@@ -6,6 +6,7 @@ Everything listens on 127.0.0.1; ports come from the kernel (port 0).
 
 import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import signal
@@ -486,6 +487,16 @@ class GProxy:
                 # record after its response, so two workers' lines may swap
                 return sorted(recs, key=lambda r: r["time"])
             time.sleep(0.02)
+
+
+def get_status(g, path):
+    """One GET to gproxy ``g`` on a new connection, its body read: the status."""
+    c = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
+    c.request("GET", path)
+    r = c.getresponse()
+    r.read()
+    c.close()
+    return r.status
 
 
 def rss_kib(pid, field="VmRSS"):

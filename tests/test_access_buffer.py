@@ -2,23 +2,13 @@
 gathered per worker are written within ``flush``, when the buffer fills,
 before a USR1 reopen closes the file, and when a worker exits."""
 
-import http.client
 import os
 
 from gunicorn.config import Config as GunicornConfig
 from gunicorn.glogging import Logger as GunicornLogger
 
 from gproxy import accesslog, config
-from servers import wait_until
-
-
-def get(g, path):
-    c = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
-    c.request("GET", path)
-    r = c.getresponse()
-    r.read()
-    c.close()
-    return r.status
+from servers import get_status, wait_until
 
 
 def lines(path):
@@ -43,7 +33,7 @@ def test_gathered_lines_are_written_within_flush(gproxy, backends, tmp_path):
     log = str(tmp_path / "access.log")
     g = gproxy(conf(b, log, "buffer: 64KB, flush: 300ms"))
     for i in range(5):
-        assert get(g, f"/n{i}") == 200
+        assert get_status(g, f"/n{i}") == 200
     wait_until(lambda: len(lines(log)) == 5, 3, "5 lines within the 300 ms flush")
     assert [line.count('"target":"/n') for line in lines(log)] == [1] * 5
 
@@ -52,10 +42,10 @@ def test_a_full_buffer_is_written_and_a_stopping_worker_writes_the_rest(gproxy, 
     b, = backends(1)
     log = str(tmp_path / "access.log")
     g = gproxy(conf(b, log, "buffer: 1KB, flush: 1h"))
-    assert get(g, "/first") == 200
+    assert get_status(g, "/first") == 200
     assert lines(log) == [], "one line is held (1 KB buffer, 1 h flush)"
     for i in range(19):
-        assert get(g, f"/n{i}") == 200
+        assert get_status(g, f"/n{i}") == 200
     # every line is over 300 bytes: at most three are held at any time
     wait_until(lambda: len(lines(log)) >= 17, 5, "the full buffers written")
     assert len(lines(log)) < 20, "the last lines are held"

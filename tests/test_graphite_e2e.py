@@ -4,7 +4,6 @@ with whisper-fetch. Both daemons run with ops/monitoring's configs (1 s
 flush for the test), on free loopback ports, with a temporary whisper tree.
 """
 
-import http.client
 import json
 import os
 import re
@@ -14,7 +13,7 @@ import pytest
 
 from gproxy import config, stats
 from monitoring import Carbon, NodeStatsd, settle, wait_until
-from servers import REPO, free_port
+from servers import REPO, free_port, get_status
 
 
 @pytest.fixture
@@ -29,15 +28,6 @@ def graphite(tmp_path):
         if daemon is not None:
             daemon.stop()
         carbon.stop()
-
-
-def get(g, path):
-    c = http.client.HTTPConnection("127.0.0.1", g.port, timeout=10)
-    c.request("GET", path)
-    r = c.getresponse()
-    r.read()
-    c.close()
-    return r.status
 
 
 def test_metrics_reach_graphite_whisper_files(gproxy, backends, graphite):
@@ -64,13 +54,13 @@ routes:
   - {{path_prefix: /down/, upstream: down, name: down}}
   - {{path_prefix: /, upstream: api, name: api.v1}}
 """)
-    assert [get(g, "/ok") for _ in range(10)] == [200] * 10
-    assert get(g, "/status/404") == 404
-    assert get(g, "/sleep/1000") == 504
-    assert [get(g, "/pool/a") for _ in range(4)] == [200] * 4
+    assert [get_status(g, "/ok") for _ in range(10)] == [200] * 10
+    assert get_status(g, "/status/404") == 404
+    assert get_status(g, "/sleep/1000") == 504
+    assert [get_status(g, "/pool/a") for _ in range(4)] == [200] * 4
     flaky.stop()                        # a backend goes away: ejected, traffic moves on
-    assert [get(g, "/pool/b") for _ in range(6)] == [200] * 6
-    assert get(g, "/down/x") == 502    # its one backend refuses connections
+    assert [get_status(g, "/pool/b") for _ in range(6)] == [200] * 6
+    assert get_status(g, "/down/x") == 502    # its one backend refuses connections
 
     def total(metric):
         return sum(v for _, v in carbon.fetch(metric, since))
@@ -141,7 +131,7 @@ upstreams: {{api: {{backends: ["http://127.0.0.1:{free_port()}", "{b.url}"]}}}}
 routes: [{{upstream: api, name: api}}]
 """)
     # the first request meets the dead backend: error, ejection, retry
-    assert [get(g, "/ok"), get(g, "/status/503")] == [200, 503]
+    assert [get_status(g, "/ok"), get_status(g, "/status/503")] == [200, 503]
     supervisor = stats.Stats(config.parse(f"statsd: {{port: {daemon.port}}}").statsd)
     supervisor.health_available("api", 1)
     supervisor.health_state_changed("api", b.url[7:], False)
