@@ -212,5 +212,6 @@ routes: [{{upstream: web}}]
     pids = [line.split("] [")[1] for line in lines]
     assert len(pids) == len(set(pids)) <= 2 and worker in pids, lines
     assert all(f"127.0.0.1:{port}" in line and "refused" in line.lower() for line in lines), lines
-    assert len(g.access_records(31)) == len(b.received) > 30
+    sent = len(b.received)      # every request got its answer: the backend saw them all
+    assert sent > 30 and len(g.access_records(sent)) == sent
     assert os.path.exists(g.config_path)
