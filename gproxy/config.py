@@ -283,6 +283,9 @@ class StatsD:
     # How long a worker sums counters and holds timer samples before sending
     # them: a hundredth of StatsD's own 10 s flushInterval.
     flush_interval: float = 0.1
+    # Timer lines a worker sends per timer and second at most; beyond, a
+    # uniform sample with its rate (|ms|@r), which StatsD counts back up.
+    timer_samples: int = 500
     gunicorn: bool = False          # gunicorn's own metrics, under <prefix>.gunicorn
 
 
@@ -824,7 +827,7 @@ def statsd(doc, value, path):
     kw = fields(doc, value, path, {
         "enabled": boolean, "host": string, "port": integer(1, 65535), "prefix": metric_prefix,
         "max_udp_size": integer(64, 65507), "gunicorn": boolean,
-        "flush_interval": bounded_duration(0.01, 60.0)})
+        "flush_interval": bounded_duration(0.01, 60.0), "timer_samples": integer(1, 1_000_000)})
     if "max_udp_size" not in kw and netaddr.is_loopback(kw.get("host", StatsD.host)):
         kw["max_udp_size"] = LOOPBACK_UDP_SIZE
     return StatsD(**kw)

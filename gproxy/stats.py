@@ -14,20 +14,26 @@ Rule 2: metrics never fail or slow a request. The socket is non-blocking
         first failure in a process is logged, once. A host that does not
         resolve at start turns metrics off in that process, logged once.
 Rule 3: counting costs a request no lock and no syscall. ``record`` adds
-        its counts to this worker's sums (a dict item each) and queues its
-        timer lines (one block from a template per route and backend);
-        every ``flush_interval`` (0.1 s) the worker sends each counter
-        once, as its sum (``name:N|c``: StatsD adds the values of a
-        counter's lines, so Graphite sees the same totals), and the timer
-        lines, packed into datagrams of ``max_udp_size``; timer lines that
-        fill a datagram go at once (a send per ~30 requests with 8 KiB).
-        Counts and lines are added by the worker's greenlets and sent by
-        them or its flusher greenlet, all in one thread, and a flush does
-        not yield, so nothing locks. A worker that exits (TERM, QUIT,
-        max_requests, a reload) sends what it holds (atexit); one killed
-        loses at most one interval. Failed attempts and tunnel events,
-        which are rare, are sent at once. The lines are formatted here
-        from names built once, not through the package's per-metric
+        its counts to this worker's sums (a dict item each) and keeps its
+        timer values (one tuple per route and backend, not yet
+        formatted); every ``flush_interval`` (0.1 s) the worker sends each
+        counter once, as its sum (``name:N|c``: StatsD adds the values of
+        a counter's lines, so Graphite sees the same totals), and the
+        timer lines, formatted from a template built once per route and
+        backend and packed into datagrams of ``max_udp_size``. A template
+        keeps at most ``timer_samples`` a second of values (50 per 0.1 s
+        by default): beyond, a uniform sample of the interval's requests
+        (reservoir sampling), sent with its rate (``|ms|@0.125``), from
+        which StatsD counts every request again (etsy statsd, Telegraf and
+        DogStatsD all divide by it). Counters stay exact; a busy worker
+        formats and sends a bounded number of timer lines, whatever its
+        traffic. Counts and values are added by the worker's greenlets and
+        sent by them or its flusher greenlet, all in one thread, and a
+        flush does not yield, so nothing locks. A worker that exits (TERM,
+        QUIT, max_requests, a reload) sends what it holds (atexit); one
+        killed loses at most one interval. Failed attempts and tunnel
+        events, which are rare, are sent at once. The lines are formatted
+        here from names built once, not through the package's per-metric
         calls, which cost three times as much (bench/metrics_cost.py).
 Rule 4: route, upstream and backend names are sanitised by ``sanitize``:
         every character other than ``A-Z a-z 0-9 _ -`` becomes ``_``, so a
@@ -43,6 +49,7 @@ Rule 5: every gauge is an absolute value with one writer, the supervisor:
 
 import atexit
 import logging
+import random
 import re
 import threading
 import time
@@ -52,6 +59,8 @@ import statsd
 from . import errors
 
 log = logging.getLogger("gproxy.error")
+
+_random = random.random
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -86,14 +95,15 @@ class _Client(statsd.StatsClient):
     first send failure is logged (the package swallows every one), plus
     this worker's summed counters and queued timer samples (Rule 3)."""
 
-    def __init__(self, host, port, max_udp_size, flush_interval):
+    def __init__(self, host, port, max_udp_size, flush_interval, timer_samples):
         super().__init__(host, port, prefix=None, maxudpsize=max_udp_size, ipv6=":" in host)
         self.where = f"{host}:{port}"
         self.failed = False
         self._sock.setblocking(False)
         self._sock.connect(self._addr)
         self.counts = {}                # name -> sum since the last flush
-        self.samples, self.samples_size = [], 0
+        self.timed = {}                 # template -> [requests, kept value tuples]
+        self.keep = max(1, round(timer_samples * flush_interval))
         self.flush_interval = flush_interval
         self.flusher = None
         atexit.register(self.flush)     # a worker's last sums go out as it exits
@@ -102,19 +112,23 @@ class _Client(statsd.StatsClient):
         counts = self.counts
         counts[name] = counts.get(name, 0) + n
 
-    def sample(self, line):
-        """Queue timer lines (one request's block); a datagram goes once it
-        is full, a block over max_udp_size goes alone, split."""
-        size = self.samples_size + len(line) + 1
-        if size > self._maxudpsize and self.samples:
-            self._send("\n".join(self.samples))
-            self.samples, self.samples_size = [], 0
-            size = len(line) + 1
-        if size > self._maxudpsize:     # one block larger than a datagram
-            self.send_lines(line.split("\n"))
-            return
-        self.samples.append(line)
-        self.samples_size = size
+    def slot(self, template):
+        """Where one more request's timer values for ``template`` go: (list,
+        index) of the kept ones, or None when they are not kept. The first
+        ``keep`` of an interval are kept; the n-th after them replaces a
+        kept one with chance keep/n, which keeps the kept ones a uniform
+        sample of all (reservoir sampling; Rule 3). A request not kept
+        computes no values."""
+        entry = self.timed.get(template)
+        if entry is None:
+            entry = self.timed[template] = [0, []]
+        n = entry[0] = entry[0] + 1
+        kept = entry[1]
+        if n <= self.keep:
+            kept.append(None)
+            return kept, n - 1
+        j = int(_random() * n)
+        return (kept, j) if j < self.keep else None
 
     def start_flusher(self):
         # A greenlet in a gevent worker (threading is patched).
@@ -127,11 +141,15 @@ class _Client(statsd.StatsClient):
             self.flush()
 
     def flush(self):
-        """Send the summed counters and the queued samples."""
+        """Send the summed counters and the kept timer samples, the latter
+        with their rate when they are a part of the requests."""
         counts, self.counts = self.counts, {}
-        samples, self.samples, self.samples_size = self.samples, [], 0
+        timed, self.timed = self.timed, {}
         lines = [f"{name}:{n}|c" for name, n in counts.items()]
-        lines += samples
+        for template, (n, kept) in timed.items():
+            if n > len(kept):
+                template = template.replace("|ms", f"|ms|@{max(len(kept) / n, 1e-6):.6f}")
+            lines += [template % values for values in kept if values is not None]
         if lines and self._sock is not None:
             self.send_lines(lines)
 
@@ -145,6 +163,9 @@ class _Client(statsd.StatsClient):
         limit = self._maxudpsize
         chunk, size = [], 0
         for line in lines:
+            if len(line) >= limit and "\n" in line:      # a block larger than a datagram
+                self.send_lines(line.split("\n"))
+                continue
             if chunk and size + len(line) >= limit:
                 self._send("\n".join(chunk))
                 chunk, size = [], 0
@@ -168,7 +189,7 @@ def connect(cfg):
     if not cfg.enabled:
         return None
     try:
-        return _Client(cfg.host, cfg.port, cfg.max_udp_size, cfg.flush_interval)
+        return _Client(cfg.host, cfg.port, cfg.max_udp_size, cfg.flush_interval, cfg.timer_samples)
     except (OSError, UnicodeError) as e:
         log.error("statsd %s:%s: cannot resolve or open: %s; metrics are off in this process",
                   cfg.host, cfg.port, e)
@@ -231,16 +252,19 @@ class Stats:
             return
         if client.flusher is None:
             client.start_flusher()
-        count = client.count
-        cls = status_class(ex.status)
-        count(self.responses[cls])
+        counts, count = client.counts, client.count     # the first inline, for every request
+        cls = _CLASSES.get(ex.status // 100, "other")
+        name = self.responses[cls]
+        counts[name] = counts.get(name, 0) + 1
         if ex.route is not None:
-            count(self.route_names(ex.route)[0][cls])
+            name = (self._routes.get(ex.route) or self.route_names(ex.route))[0][cls]
+            counts[name] = counts.get(name, 0) + 1
         nbytes = ex.body.nbytes if ex.body is not None else ex.bytes_in
         if nbytes:
             count(self.bytes_in, nbytes)
         if ex.bytes_out:
-            count(self.bytes_out, ex.bytes_out)
+            name = self.bytes_out
+            counts[name] = counts.get(name, 0) + ex.bytes_out
         kind = ex.error
         if kind is not None and kind not in BACKEND_KINDS:
             count(f"{self.p}server.errors.{kind}")
@@ -267,13 +291,17 @@ class Stats:
             template = self._templates[key] = self._template(*key)
         if not template:
             return
+        where = client.slot(template)
+        if where is None:
+            return
         values = ((time.time() - ex.start) * 1000.0,) if ex.route is not None else ()
         if answered:
             attempt = (ex.upstream_time * 1000.0, (time.monotonic() - ex.upstream_start) * 1000.0)
             if connected:
                 attempt = (ex.connect_time * 1000.0,) + attempt
             values += attempt + attempt       # the upstream's, then the backend's
-        client.sample(template % values)
+        kept, i = where
+        kept[i] = values
 
     def _template(self, route, upstream, backend, connected):
         names = [] if route is None else [self.route_names(route)[1]]

@@ -98,6 +98,7 @@ BROKEN = [
      "b.yaml:3: access_log.buffer: must be between 0 and 16777216 bytes, got 67108864"),
     ("access_log:\n  buffer: 64KB\n  flush: 0s\n", "b.yaml:3: access_log.flush: must be between 0.01s and 3600s"),
     ("statsd:\n  port: 8125\n  flush_interval: 5m\n", "b.yaml:3: statsd.flush_interval: must be between 0.01s and 60s"),
+    ("statsd:\n  port: 8125\n  timer_samples: 0\n", "b.yaml:3: statsd.timer_samples: must be at least 1, got 0"),
     ("upstreams:\n  api:\n    backends: ['http://h:1']\n    pool: {max_idle: 3}\n",
      "b.yaml:4: upstreams.api.pool.max_idle: unknown key"),
     ("- just\n- a list\n", "b.yaml:1: (top level): expected a mapping, got list"),

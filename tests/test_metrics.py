@@ -166,6 +166,26 @@ def test_a_stopping_worker_sends_the_sums_it_holds(gproxy, backends, listener, s
     assert timers == {p + "route.main_v1.duration": 5}, timers
 
 
+def test_a_busy_worker_sends_a_sample_of_its_timers_with_the_rate(gproxy, backends, listener):
+    """timer_samples: 1 a second over a 5 s interval: a worker keeps 5
+    requests' timer values per template and sends them with their rate,
+    from which StatsD counts the 20 requests again; the counters are exact."""
+    b, other = backends(2)
+    g = gproxy(metrics_conf(listener.port, b, other, extra_statsd=", flush_interval: 5s, timer_samples: 1"))
+    for _ in range(20):
+        assert get(g, "/x")[0] == 200
+    g.stop()
+    p = "gp.test."
+    assert listener.counters(p + "server.responses.") == {p + "server.responses.2xx": 20}
+    lines = [ln for ln in listener.lines() if ln.startswith(p + "route.main_v1.duration:")]
+    # A request that opened a connection (the first, at least) has connect
+    # lines: a template of its own, so at most 5 + 5 lines, at least 5 rated.
+    rated = [ln for ln in lines if "|@" in ln]
+    assert len(lines) <= 10 and len(rated) >= 5, lines
+    counted = sum(1 / float(ln.rsplit("@", 1)[1]) if "|@" in ln else 1 for ln in lines)
+    assert round(counted, 3) == 20, f"StatsD would count {counted} requests"
+
+
 def test_gunicorn_metrics_live_under_their_own_branch(gproxy, backends, listener):
     b, other = backends(2)
     g = gproxy(metrics_conf(listener.port, b, other, extra_statsd=", gunicorn: true"))

@@ -130,3 +130,50 @@ def test_a_full_socket_buffer_drops_instead_of_waiting(listener):
     elapsed = time.perf_counter() - t0
     assert elapsed < 5, f"5000 sends took {elapsed:.2f}s"
     assert listener.lines(), "nothing arrived"
+
+
+def _answered(route="api", upstream="web", backend="127.0.0.1:8081"):
+    from gproxy.exchange import Exchange
+    ex = Exchange({"REQUEST_METHOD": "GET", "RAW_URI": "/", "REMOTE_ADDR": "127.0.0.1"})
+    ex.route, ex.upstream, ex.backend, ex.status = route, upstream, backend, 200
+    ex.upstream_time, ex.upstream_start = 0.001, time.monotonic() - 0.002
+    return ex
+
+
+def test_timers_beyond_timer_samples_are_a_reservoir_sent_with_their_rate(listener, monkeypatch):
+    """keep = timer_samples x flush_interval = 2. Requests 1 and 2 are kept;
+    request n > 2 replaces kept slot int(draw * n) when that is under 2. With
+    the draws below, request 3 replaces slot 0 (0.1 * 3), request 4 is
+    dropped (0.9 * 4 = 3), request 5 replaces slot 1 (0.3 * 5 = 1): sent are
+    requests 3 and 5 with rate 2/5, and the counters count all five."""
+    draws = iter([0.1, 0.9, 0.3])
+    monkeypatch.setattr(stats, "_random", lambda: next(draws))
+    s = make(listener.port, timer_samples=20, flush_interval="100ms")
+    assert s.client.keep == 2
+    s.client.start_flusher = lambda: None       # flushed by hand below
+    s.client.flusher = True
+    for ms in (1, 2, 3, 4, 5):
+        ex = _answered()
+        ex.start = time.time() - ms / 1000.0
+        s.record(ex)
+    s.client.flush()
+    wait_until(lambda: listener.counters("gproxy.server.") and listener.timers("gproxy.route."), 5,
+               "the flushed lines")
+    assert listener.counters("gproxy.server.responses.") == {"gproxy.server.responses.2xx": 5}
+    lines = [ln for ln in listener.lines() if ln.startswith("gproxy.route.api.duration:")]
+    assert [ln.split("|", 1)[1] for ln in lines] == ["ms|@0.400000"] * 2, lines
+    assert [round(float(ln.split(":")[1].split("|")[0])) for ln in lines] == [3, 5], lines
+    backend = [ln for ln in listener.lines() if ".backend.127_0_0_1_8081.ttfb:" in ln]
+    assert backend == ["gproxy.upstream.web.backend.127_0_0_1_8081.ttfb:1.000|ms|@0.400000"] * 2, backend
+
+
+def test_timers_within_timer_samples_all_go_without_a_rate(listener):
+    s = make(listener.port, timer_samples=1000, flush_interval="100ms")
+    s.client.start_flusher = lambda: None
+    s.client.flusher = True
+    for _ in range(30):
+        s.record(_answered())
+    s.client.flush()
+    wait_until(lambda: len(listener.timers("gproxy.route.").get("gproxy.route.api.duration", [])) == 30, 5,
+               "30 duration lines")
+    assert not any("|@" in ln for ln in listener.lines()), listener.lines()
