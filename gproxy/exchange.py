@@ -99,21 +99,50 @@ class Exchange:
         self.attempts = None           # the failed attempts (observe.attempt_failed)
 
     def record(self):
+        """The access log's record: the fields of README "Access log", in
+        that order. Filled into a copy of ``RECORD`` (a 23-key dict display
+        cost a third more); the fields that are mostly None stay so."""
         if self.body is not None:
             self.bytes_in = self.body.nbytes
-        return {
-            "time": self.start, "client": self.client, "method": self.method,
-            "target": self.target, "protocol": self.protocol, "host": self.host,
-            "status": self.status, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
-            "duration": observe.micro(time.time() - self.start),
-            "upstream_time": None if self.upstream_time is None else observe.micro(self.upstream_time),
-            "route": self.route, "upstream": self.upstream, "backend": self.backend,
-            "retries": self.retries, "request_id": self.request_id, "error": self.error,
-            "user_agent": self.user_agent, "referer": self.referer,
-            "consumer": self.consumer, "reason": self.reason,
-            "cache_status": self.cache_status,
-            "attempts": observe.attempts(self),
-        }
+        r = RECORD.copy()
+        r["time"] = self.start
+        r["client"] = self.client
+        r["method"] = self.method
+        r["target"] = self.target
+        r["protocol"] = self.protocol
+        r["host"] = self.host
+        r["status"] = self.status
+        r["bytes_in"] = self.bytes_in
+        r["bytes_out"] = self.bytes_out
+        # observe.micro, inline: the call cost as much as the rounding
+        r["duration"] = int((time.time() - self.start) * 1e6 + 0.5) / 1e6
+        if self.upstream_time is not None:
+            r["upstream_time"] = int(self.upstream_time * 1e6 + 0.5) / 1e6
+        r["route"] = self.route
+        r["upstream"] = self.upstream
+        r["backend"] = self.backend
+        r["retries"] = self.retries
+        r["request_id"] = self.request_id
+        r["user_agent"] = self.user_agent
+        r["referer"] = self.referer
+        if self.error is not None:
+            r["error"] = self.error
+        if self.consumer is not None or self.reason is not None:
+            r["consumer"], r["reason"] = self.consumer, self.reason
+        if self.cache_status is not None:
+            r["cache_status"] = self.cache_status
+        if self.attempts:
+            r["attempts"] = observe.attempts(self)
+        elif self.upstream_start is not None:       # one attempt: observe.attempts, inline
+            r["attempts"] = [{"backend": self.backend, "status": self.status, "error": None,
+                              "time": int((time.monotonic() - self.upstream_start) * 1e6 + 0.5) / 1e6}]
+        return r
+
+
+RECORD = dict.fromkeys((
+    "time", "client", "method", "target", "protocol", "host", "status", "bytes_in", "bytes_out",
+    "duration", "upstream_time", "route", "upstream", "backend", "retries", "request_id", "error",
+    "user_agent", "referer", "consumer", "reason", "cache_status", "attempts"))
 
 
 class Recorder:

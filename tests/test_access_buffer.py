@@ -59,11 +59,11 @@ def test_usr1_reopen_writes_the_gathered_lines_to_the_old_file_first(tmp_path):
     cfg = config.parse(f"access_log: {{path: {log}, buffer: 64KB, flush: 1h}}").access_log
     try:
         accesslog.setup(cfg)
-        accesslog.access("before")
+        accesslog.access(b"before\n")
         os.rename(log, tmp_path / "access.log.1")       # logrotate's move
         # what a worker does on USR1: gunicorn reopens every FileHandler
         GunicornLogger(GunicornConfig()).reopen_files()
-        accesslog.access("after")
+        accesslog.access(b"after\n")
         assert lines(tmp_path / "access.log.1") == ["before"]
         assert lines(log) == [], "held until the flush"
     finally:

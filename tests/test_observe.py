@@ -363,3 +363,16 @@ def test_combined_line_lists_attempts_only_after_a_retry():
     fields = accesslog.fields_format(("upstream_addr", "upstream_status", "upstream_response_time", "error"))
     assert fields(rec) == '"b:1, b:2" "connect_error, 200" "0.001, 0.009" connect_error'
     assert fields(dict(rec, attempts=None, error=None)) == "- - - -"
+
+
+def test_a_json_line_is_one_line_of_valid_json_even_with_a_lone_surrogate():
+    """orjson refuses a lone surrogate (a target decoded with
+    surrogateescape); the line is then written by json, escaped."""
+    from gproxy import accesslog
+    plain = accesslog.json_line({"target": "/caf\u00e9", "status": 200})
+    assert plain == '{"target":"/caf\u00e9","status":200}\n'.encode()
+    odd = accesslog.json_line({"target": "/a\udc80", "status": 200})
+    assert odd.endswith(b"\n") and odd.count(b"\n") == 1, odd
+    assert json.loads(odd) == {"target": "/a\udc80", "status": 200}
+    combined = accesslog.line_of(accesslog.fields_format(("target",)))({"target": "/a\udc80"})
+    assert combined == b"/a\\udc80\n", combined
