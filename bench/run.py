@@ -402,6 +402,16 @@ class GProxyObservedBuffered(GProxyObserved):
         return cmd
 
 
+class GProxyBaseObserved(GProxyObserved):
+    """gproxy-observed as the ``--baseline`` checkout has it."""
+    name = "gproxy-base-observed"
+
+
+class GProxyBaseObservedBuffered(GProxyObservedBuffered):
+    """gproxy-observed-buf as the ``--baseline`` checkout has it."""
+    name = "gproxy-base-observed-buf"
+
+
 _SINK = []
 
 
@@ -421,7 +431,8 @@ def statsd_sink():
 
 
 SERVERS = {c.name: c for c in (GProxy, GProxyBase, GProxyBare, GProxyQuiet, GProxyObserved, GProxyObservedRemote,
-                                  GProxyObservedBuffered, Nginx, HAProxy)}
+                                  GProxyObservedBuffered, GProxyBaseObserved, GProxyBaseObservedBuffered,
+                                  Nginx, HAProxy)}
 
 
 # --- the load -----------------------------------------------------------------------
@@ -713,10 +724,12 @@ def main():
                    help=f"comma-separated, from {', '.join(SERVERS)}")
     p.add_argument("--table", metavar="JSON", help="print the table of a results file and exit")
     p.add_argument("--baseline", metavar="DIR",
-                   help="a checkout to run as gproxy-base (e.g. git worktree add DIR HEAD~1)")
+                   help="a checkout to run as gproxy-base and gproxy-base-observed[-buf] "
+                        "(e.g. git worktree add DIR HEAD~1)")
     args = p.parse_args()
     if args.baseline:
-        GProxyBase.repo = os.path.abspath(args.baseline)
+        for base in (GProxyBase, GProxyBaseObserved, GProxyBaseObservedBuffered):
+            base.repo = os.path.abspath(args.baseline)
     if args.table:
         with open(args.table) as f:
             print(table(json.load(f)))
