@@ -264,16 +264,22 @@ class Supervisor:
             self.start_admin()
 
     def reload(self):
-        self.reloads += 1
+        """Load the config file again. ``reloads`` counts the reload only
+        once its outcome (the new digest, or ``reload_error``) is in place:
+        ``gproxy reload`` waits for the count to pass the one it saw and
+        then compares the digest, which an admin thread could otherwise
+        read half-way (it reported "the file changed again?")."""
         try:
             cfg = config.load()
         except ConfigError as e:
             self.reload_error = str(e)
             log.error("supervisor: reload failed, keeping the previous configuration: %s", e)
-            return
-        self.apply(cfg)
-        log.info("supervisor: configuration %s reloaded (%d upstreams, %d backends)",
-                 cfg.source, len(cfg.upstreams), len(self.backends))
+        else:
+            self.apply(cfg)
+            log.info("supervisor: configuration %s reloaded (%d upstreams, %d backends)",
+                     cfg.source, len(cfg.upstreams), len(self.backends))
+        finally:
+            self.reloads += 1
 
     def start_admin(self):
         from .admin import AdminServer

@@ -481,3 +481,27 @@ def test_gproxy_status_command_prints_a_table(gproxy, backends):
     bad = subprocess.run([sys.executable, "-m", "gproxy.cli", "status", "--admin", f"127.0.0.1:{free_port()}"],
                          env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode == 1 and "cannot reach the admin endpoint" in bad.stderr, bad.stderr
+
+
+def test_a_reload_is_counted_only_once_its_outcome_is_in_place(tmp_path, monkeypatch):
+    """``gproxy reload`` waits for /status's ``reloads`` to pass the count it
+    saw, then compares the config digest. A count raised before the new
+    config was applied let it read the old digest and fail a good reload
+    with "the file changed again?" (the ansible playbook's handler did)."""
+    from types import SimpleNamespace
+
+    from gproxy import supervisor
+    from gproxy.errors import ConfigError
+    sup = supervisor.Supervisor(str(tmp_path), os.getpid())
+    seen = []
+    monkeypatch.setattr(supervisor.config, "load", lambda: SimpleNamespace(source="new.yaml", upstreams={}))
+    monkeypatch.setattr(sup, "apply", lambda cfg: seen.append(sup.reloads))
+    sup.reload()
+    assert seen == [0] and sup.reloads == 1, "counted before the new config was applied"
+
+    def broken():
+        seen.append(sup.reloads)
+        raise ConfigError("new.yaml:1: workers: expected an integer")
+    monkeypatch.setattr(supervisor.config, "load", broken)
+    sup.reload()
+    assert seen == [0, 1] and sup.reloads == 2 and "workers" in sup.reload_error
