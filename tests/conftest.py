@@ -5,7 +5,19 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from servers import Backend, GProxy  # noqa: E402
+from servers import REPO, Backend, GProxy  # noqa: E402
+
+
+def pytest_configure(config):
+    """Byte-compile gproxy once, before the test processes start. Every
+    test starts gproxy processes (the arbiter, the supervisor, the workers),
+    each of which imports gproxy; without .pyc files each of them compiles
+    the modules it imports again (about 70 ms a process), as it does in a
+    fresh clone or wherever PYTHONDONTWRITEBYTECODE is set. compileall
+    writes them regardless and rewrites only those older than their source."""
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:
+        import compileall
+        compileall.compile_dir(os.path.join(REPO, "gproxy"), quiet=1)
 
 
 @pytest.fixture
