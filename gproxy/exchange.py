@@ -131,11 +131,8 @@ class Exchange:
             r["consumer"], r["reason"] = self.consumer, self.reason
         if self.cache_status is not None:
             r["cache_status"] = self.cache_status
-        if self.attempts:
+        if self.upstream_start is not None or self.attempts:
             r["attempts"] = observe.attempts(self)
-        elif self.upstream_start is not None:       # one attempt: observe.attempts, inline
-            r["attempts"] = [{"backend": self.backend, "status": self.status, "error": None,
-                              "time": int((time.monotonic() - self.upstream_start) * 1e6 + 0.5) / 1e6}]
         return r
 
 
