@@ -56,11 +56,7 @@ class _Gathering:
     raw_of = raw = None     # the stream whose FileIO ``raw`` is (Rule 4)
 
     def gather(self, line):
-        """Write ``line`` now (no ``limit``: Rule 1), or hold it until the
-        held lines fill ``limit`` (Rule 3)."""
-        if not self.limit:
-            self.write_out(line)
-            return
+        """Hold ``line`` until the held lines fill ``limit`` (Rule 3)."""
         self.held += line
         if len(self.held) >= self.limit:
             self.write_gathered()
@@ -149,7 +145,7 @@ def setup(access_cfg):
         return json_line
     if access_cfg.format == "fields":
         return line_of(fields_format(access_cfg.fields))
-    return line_of(FORMATS[access_cfg.format])
+    return line_of(format_combined)
 
 
 def _clf_time(t):
@@ -236,9 +232,6 @@ def fields_format(names):
 
 def _q(v):
     return "-" if not v else v.replace('"', '\\"')
-
-
-FORMATS = {"combined": format_combined}
 
 
 def _flush_every(h, interval):

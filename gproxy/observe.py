@@ -124,7 +124,7 @@ def attempts(ex):
     as one list; None when no backend was tried."""
     if ex.upstream_start is None:
         return list(ex.attempts) if ex.attempts else None
-    t = int((time.monotonic() - ex.upstream_start) * 1e6 + 0.5) / 1e6     # micro, inline
+    t = micro(time.monotonic() - ex.upstream_start)
     answering = {"backend": ex.backend, "status": ex.status, "error": None, "time": t}
     if not ex.attempts:                             # the common case: one attempt
         return [answering]

@@ -253,7 +253,7 @@ class Stats:
         if client.flusher is None:
             client.start_flusher()
         counts, count = client.counts, client.count     # the first inline, for every request
-        cls = _CLASSES.get(ex.status // 100, "other")
+        cls = status_class(ex.status)
         name = self.responses[cls]
         counts[name] = counts.get(name, 0) + 1
         if ex.route is not None:

@@ -538,9 +538,11 @@ class Response:
             and (length is not None or self.chunked or self.no_body)
         self.keep = keep
         first = _FIRST_LINES.get(status)
-        if first is None:
+        if first is None:       # a status line is checked once, then kept
+            if _unsafe(status):
+                raise ValueError("CR, LF or NUL in a response header")
             first = f"HTTP/1.1 {status}\r\nServer: {SERVER}\r\nDate: ".encode("latin-1")
-            if len(_FIRST_LINES) < 256 and not _unsafe(status):
+            if len(_FIRST_LINES) < 256:
                 _FIRST_LINES[status] = first
         lines = [first, http_date() if date is None else date.encode("latin-1")]
         if self.chunked:
@@ -555,7 +557,7 @@ class Response:
         # every item of ``out`` is one line: a CR, LF or NUL inside a name or
         # value shows as more of them than lines (one scan each, in C)
         if block.count("\r") != len(out) or block.count("\n") != len(out) or "\0" in block \
-                or _unsafe(status) or (date is not None and _unsafe(date)):
+                or (date is not None and _unsafe(date)):
             raise ValueError("CR, LF or NUL in a response header")
         lines.append(block.encode("latin-1"))
         self.head = b"".join(lines)
